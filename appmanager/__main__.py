@@ -1,0 +1,3 @@
+from appmanager.cli import main
+
+main()

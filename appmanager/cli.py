@@ -1,0 +1,146 @@
+"""The ``appmanager`` command line. Every option of ``start`` comes from the settings registry."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from appmanager import __version__, settings
+from appmanager.detect import DetectError, detect
+
+
+def _fail(message: str) -> None:
+    click.echo(f"appmanager: {message}", err=True)
+    sys.exit(1)
+
+
+def _setting_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one click option per CLI setting. Values stay raw strings here: the registry parses
+    and validates them, so that an error names the option and says why in one place."""
+    for setting in reversed(settings.SETTINGS):
+        if not setting.cli:
+            continue
+        names = [setting.option]
+        if setting.short:
+            names.append(setting.short)
+        default_text = "" if setting.default is None else f" [default: {_show(setting.default)}]"
+        if setting.type == "bool":
+            option = click.option(
+                *names,
+                setting.name,
+                is_flag=True,
+                default=None,
+                help=setting.doc + default_text,
+            )
+        else:
+            option = click.option(
+                *names,
+                setting.name,
+                default=None,
+                metavar=setting.metavar or setting.type.upper(),
+                help=setting.doc
+                + (f" One of: {', '.join(setting.choices)}." if setting.choices else "")
+                + default_text,
+            )
+        func = option(func)
+    return func
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="appmanager")
+def main() -> None:
+    """appmanager: run Python web apps with managed, load-balanced processes."""
+
+
+@main.command()
+@click.argument("app_dir", required=False, default=".", type=click.Path(file_okay=False))
+@_setting_options
+def start(app_dir: str, **raw: Any) -> None:
+    """Serve the app in APP_DIR (default: the current directory)."""
+    try:
+        values = settings.parse_all(raw)
+    except settings.SettingError as exc:
+        _fail(str(exc))
+    try:
+        spec = detect(app_dir, values["app_type"], values["startup_file"])
+    except DetectError as exc:
+        _fail(str(exc))
+    from appmanager.core import Core, StartError, configure_logging
+
+    if values["daemonize"] and not values["log_file"]:
+        log_dir = os.path.join(spec.root, "log")
+        base = log_dir if os.path.isdir(log_dir) else spec.root
+        values["log_file"] = os.path.join(base, f"appmanager.{values['port']}.log")
+    name = os.path.basename(spec.root.rstrip("/")) or "app"
+    core = Core(values, [(name, spec)])
+    try:
+        core.open()
+    except StartError as exc:
+        _fail(str(exc))
+    banner = sys.stdout
+    if values["daemonize"]:
+        banner = _daemonize()
+    configure_logging(values)
+    pid_file = values["pid_file"]
+    if pid_file:
+        with open(pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    try:
+        import uvloop
+
+        status = uvloop.run(core.run(banner))
+    finally:
+        if pid_file:
+            try:
+                os.unlink(pid_file)
+            except OSError:
+                pass
+    sys.exit(status)
+
+
+def _daemonize() -> Any:
+    """Detach (double fork, new session). The original process waits until the daemon prints its
+    banner, echoes it and exits, so that a failure to start still reaches the terminal."""
+    read_fd, write_fd = os.pipe()
+    if os.fork() > 0:
+        os.close(write_fd)
+        with os.fdopen(read_fd) as pipe:
+            text = pipe.read()
+        sys.stdout.write(text)
+        sys.exit(0 if "Serving" in text else 1)
+    os.close(read_fd)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return _ClosingWriter(write_fd)
+
+
+class _ClosingWriter:
+    """The banner's way back to the terminal from the daemon: closed after the first flush."""
+
+    def __init__(self, fd: int) -> None:
+        self._file = os.fdopen(fd, "w")
+
+    def write(self, text: str) -> int:
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+        self._file.close()

@@ -1,0 +1,290 @@
+"""The core: one asyncio (uvloop) loop that owns the listeners, the connections and the Pool.
+
+A Core lives for one ``appmanager start``: it creates the instance directory, listens, starts
+``min_instances`` processes of each app, prints the banner, serves until SIGINT or SIGTERM, then drains
+and stops everything and removes the instance directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from typing import Any, TextIO
+
+from appmanager import __version__
+from appmanager.detect import AppSpec
+from appmanager.front import Connection, Listener, listen_tcp, listen_unix
+from appmanager.group import Group
+from appmanager.pool import Pool
+
+log = logging.getLogger("appmanager")
+
+IDLE_TIMEOUT = 75.0  # keep-alive connections with no request for this long are closed
+READ_TIMEOUT = 60.0  # a request that stalls this long while being read gets 408
+
+
+class StartError(Exception):
+    """The core cannot start; the message says why (printed as one line)."""
+
+
+class InstanceDir:
+    """The instance directory: the core's private place for sockets, state and spooled bodies.
+
+    Created owner-only at start and removed at stop (only what this instance created).
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.created = False
+        if path is None:
+            base = os.environ.get("XDG_RUNTIME_DIR")
+            if not base or not os.access(base, os.W_OK):
+                base = None
+            self.path = tempfile.mkdtemp(prefix="appmanager.", dir=base)
+            self.created = True
+        else:
+            self.path = os.path.abspath(path)
+            state = os.path.join(self.path, "core.json")
+            if os.path.exists(state) and _core_alive(state):
+                raise StartError(f"instance directory {self.path} is in use by a running core")
+            if not os.path.isdir(self.path):
+                os.makedirs(self.path, mode=0o700)
+                self.created = True
+        os.chmod(self.path, 0o700)
+        self.spool = os.path.join(self.path, "spool")
+        os.makedirs(self.spool, mode=0o700, exist_ok=True)
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        tmp = os.path.join(self.path, "core.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=2)
+        os.replace(tmp, os.path.join(self.path, "core.json"))
+
+    def remove(self) -> None:
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for name in ("core.json", "spool"):
+            target = os.path.join(self.path, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target, ignore_errors=True)
+            elif os.path.exists(target):
+                os.unlink(target)
+
+
+def _core_alive(state_path: str) -> bool:
+    try:
+        with open(state_path) as f:
+            pid = int(json.load(f)["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
+
+
+class Core:
+    """The appmanager core process; see the module docstring for its lifetime."""
+
+    def __init__(self, settings: dict[str, Any], apps: list[tuple[str, AppSpec]]) -> None:
+        self.settings = settings
+        self.apps = apps
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.pool = Pool(settings)
+        self.connections: set[Connection] = set()
+        self.listeners: list[Listener] = []
+        self.stopping = False
+        self.instance: InstanceDir | None = None
+        self.spool_dir: str | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.started_at = time.time()
+
+    # -- start -----------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the instance directory and the listening sockets (before daemonizing, so that
+        errors reach the terminal)."""
+        self.instance = InstanceDir(self.settings["instance_dir"])
+        self.spool_dir = self.instance.spool
+        try:
+            self._tcp = listen_tcp(self.settings["address"], self.settings["port"])
+        except OSError as exc:
+            self.instance.remove()
+            where = f"{self.settings['address']}:{self.settings['port']}"
+            raise StartError(f"cannot listen on {where} (--port): {exc.strerror or exc}") from None
+        self._unix: socket.socket | None = None
+        if self.settings["socket"]:
+            try:
+                self._unix = listen_unix(self.settings["socket"])
+            except OSError as exc:
+                self._tcp.close()
+                self.instance.remove()
+                raise StartError(
+                    f"cannot listen on {self.settings['socket']} (--socket): {exc.strerror or exc}"
+                ) from None
+
+    @property
+    def url(self) -> str:
+        host = self.settings["address"]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self._tcp.getsockname()[1]}/"
+
+    async def run(self, banner: TextIO | None) -> int:
+        """Serve until told to stop; return the exit status."""
+        self.loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        self._changed = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        self.listeners.append(Listener(self, self._tcp, self.url))
+        if self._unix is not None:
+            self.listeners.append(Listener(self, self._unix, self.settings["socket"]))
+        self.pool.changed = self._changed.set
+        for name, spec in self.apps:
+            self.pool.add_group(Group(self.pool, name, spec, dict(self.settings)))
+        self.pool.start()
+        await self._wait_for_min_instances()
+        self._schedule_sweep()
+        assert self.instance is not None
+        self.instance.write_state(
+            {
+                "pid": os.getpid(),
+                "version": __version__,
+                "url": self.url,
+                "socket": self.settings["socket"],
+                "started_at": self.started_at,
+                "apps": [spec.root for _, spec in self.apps],
+            }
+        )
+        if banner is not None:
+            self._print_banner(banner)
+        log.info("appmanager %s ready at %s (pid %d)", __version__, self.url, os.getpid())
+        await self._stop_event.wait()
+        await self._shutdown()
+        return 0
+
+    async def _wait_for_min_instances(self) -> None:
+        """Return once every group has its ``min_instances`` ready, or has failed to boot."""
+        assert self._changed is not None and self._stop_event is not None
+        while not self._stop_event.is_set():
+            pending = [
+                g
+                for g in self.pool.groups
+                if g.ready_count() < g.settings["min_instances"] and g.boot_error is None
+            ]
+            if not pending:
+                return
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _print_banner(self, out: TextIO) -> None:
+        lines = [f"appmanager {__version__}"]
+        for name, spec in self.apps:
+            group = next(g for g in self.pool.groups if g.name == name)
+            lines.append(f"  app root:     {spec.root}")
+            startup = os.path.relpath(spec.startup_file, spec.root)
+            lines.append(f"  app type:     {spec.app_type} ({startup})")
+            lines.append(f"  environment:  {group.settings['environment']}")
+            if group.boot_error is not None:
+                lines.append(f"  status:       failed to start: {group.boot_error}")
+        lines.append(f"  url:          {self.url}")
+        if self.settings["socket"]:
+            lines.append(f"  socket:       {self.settings['socket']}")
+        lines.append(f"  pid:          {os.getpid()}")
+        lines.append(f"  log file:     {self.settings['log_file'] or 'standard error'}")
+        assert self.instance is not None
+        lines.append(f"  instance dir: {self.instance.path}")
+        lines.append("Serving; press Ctrl-C to stop.")
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+
+    # -- housekeeping ----------------------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.sweep(now, IDLE_TIMEOUT, READ_TIMEOUT)
+        self._schedule_sweep()
+
+    # -- stop ------------------------------------------------------------------------------------
+
+    def _on_stop_signal(self, sig: int) -> None:
+        assert self._stop_event is not None
+        if self._stop_event.is_set():
+            log.warning("second %s: stopping now", signal.Signals(sig).name)
+            self.settings["shutdown_timeout"] = 0
+            if self._changed is not None:
+                self._changed.set()
+            return
+        log.info("received %s; stopping", signal.Signals(sig).name)
+        self._stop_event.set()
+
+    async def _shutdown(self) -> None:
+        """Stop accepting, let in-flight and queued requests finish, stop every process, clean up."""
+        assert self._changed is not None
+        self.stopping = True
+        for listener in self.listeners:
+            listener.close()
+        if self._unix is not None and self.settings["socket"]:
+            try:
+                os.unlink(self.settings["socket"])
+            except OSError:
+                pass
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+        deadline = time.monotonic() + self.settings["shutdown_timeout"]
+        while self.pool.busy() and time.monotonic() < deadline:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), 0.1)
+            except TimeoutError:
+                pass
+        if self.pool.busy():
+            log.warning("shutdown timeout reached with requests in flight")
+        self.pool.stop()
+        deadline = time.monotonic() + 20
+        while not self.pool.all_exited() and time.monotonic() < deadline:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), 0.1)
+            except TimeoutError:
+                pass
+        for conn in list(self.connections):
+            conn._close_now()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        assert self.instance is not None
+        self.instance.remove()
+        log.info("appmanager stopped")
+
+
+def configure_logging(settings: dict[str, Any]) -> None:
+    """Log to the log file, or standard error, with a fixed line shape."""
+    handler: logging.Handler
+    if settings["log_file"]:
+        handler = logging.FileHandler(settings["log_file"])
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(
+            f"%(asctime)s.%(msecs)03d [appmanager {os.getpid()}] %(levelname)s %(message)s",
+            "%Y-%m-%d %H:%M:%S",
+        )
+    )
+    root = logging.getLogger("appmanager")
+    root.handlers[:] = [handler]
+    root.setLevel(settings["log_level"].upper())
+    root.propagate = False

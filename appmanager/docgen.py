@@ -1,0 +1,65 @@
+"""Generating ``docs/settings.md`` from the settings registry.
+
+Run ``python -m appmanager.docgen`` after changing ``settings.py``; a test fails when the committed
+file differs from what this produces.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from appmanager.settings import SETTINGS, Setting
+
+DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
+
+
+def _default(setting: Setting) -> str:
+    if setting.default is None:
+        return "(none)"
+    if isinstance(setting.default, bool):
+        return "off" if not setting.default else "on"
+    if isinstance(setting.default, float) and setting.default.is_integer():
+        return str(int(setting.default))
+    return str(setting.default)
+
+
+def render() -> str:
+    """The whole text of docs/settings.md."""
+    lines = [
+        "# Settings",
+        "",
+        "<!-- Generated from appmanager/settings.py by `python -m appmanager.docgen`;"
+        " do not edit. -->",
+        "",
+        "Every setting is declared once, in `appmanager/settings.py`. A bad value is rejected when",
+        "appmanager starts, with the option's name and the reason.",
+        "",
+        "| setting | option | type | default | scope |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s in SETTINGS:
+        option = f"`{s.option}`" + (f", `{s.short}`" if s.short else "")
+        kind = s.type + (f" ({' / '.join(s.choices)})" if s.choices else "")
+        lines.append(
+            f"| [{s.name}](#{s.name}) | {option} | {kind} | `{_default(s)}` | {s.scope.value} |"
+        )
+    lines.append("")
+    for s in SETTINGS:
+        lines += [f"## {s.name}", "", s.doc, ""]
+        lines.append(f"- option: `{s.option}`" + (f" (`{s.short}`)" if s.short else ""))
+        lines.append(f"- default: `{_default(s)}`")
+        if s.choices:
+            lines.append(f"- one of: {', '.join(f'`{c}`' for c in s.choices)}")
+        lines.append(f"- scope: {s.scope.value}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    DOC_PATH.write_text(render())
+    sys.stdout.write(f"wrote {DOC_PATH}\n")
+
+
+if __name__ == "__main__":
+    main()

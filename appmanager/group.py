@@ -1,0 +1,236 @@
+"""A Group: one app, its processes, its wait-list and its spawn state."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from appmanager import balancer, errors, spawner
+from appmanager.detect import AppSpec
+from appmanager.spawnerror import SpawnError
+from appmanager.states import ProcessState
+
+if TYPE_CHECKING:
+    from appmanager.front import Connection
+    from appmanager.pool import Pool
+    from appmanager.process import Process
+    from appmanager.request import Request
+    from appmanager.session import Session
+
+log = logging.getLogger("appmanager")
+
+MAX_BACKOFF = 60.0
+
+
+class Group:
+    """One app (an app root and its settings) in the Pool.
+
+    A Group outlives its Processes: it is created when the core starts and lives until it stops.
+    It owns the app's processes (spawning, ready and stopping ones), the wait-list of requests that no
+    process could take yet, and the spawn state: the last boot error and the backoff before the
+    next attempt. Invariants: a request is in the wait-list only while no READY process can take it;
+    the wait-list never holds more than ``max_request_queue_size`` requests (when that is not 0).
+    """
+
+    def __init__(self, pool: Pool, name: str, spec: AppSpec, settings: dict[str, Any]) -> None:
+        self.pool = pool
+        self.name = name
+        self.spec = spec
+        self.settings = settings
+        self.processes: list[Process] = []
+        self.spawning = 0
+        self.wait_list: collections.deque[tuple[Connection, Request]] = collections.deque()
+        self.boot_error: SpawnError | None = None
+        self.failures = 0
+        self.next_spawn_at = 0.0
+        self._retry: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def development(self) -> bool:
+        return bool(self.settings["environment"] == "development")
+
+    def live_count(self) -> int:
+        """Processes that count against the pool: spawning, ready and stopping ones."""
+        return self.spawning + sum(
+            1 for p in self.processes if p.state is not ProcessState.EXITED
+        )
+
+    def ready_count(self) -> int:
+        return sum(1 for p in self.processes if p.state is ProcessState.READY)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def dispatch(self, conn: Connection, request: Request) -> None:
+        """Hand ``request`` to the least-busy process, or put it in the wait-list."""
+        while True:
+            proc = balancer.least_busy(self.processes)
+            if proc is None:
+                break
+            if proc.handoff(conn, request, self.pool.keep_alive(request)):
+                return
+        if self.boot_error is not None and self.ready_count() == 0 and self.spawning == 0:
+            if time.monotonic() < self.next_spawn_at:
+                self._answer_boot_error(conn)
+                return
+        self._grow()
+        limit = self.settings["max_request_queue_size"]
+        if limit and len(self.wait_list) >= limit:
+            log.warning("app %s: request queue full (%d), answering 503", self.name, limit)
+            conn.respond(errors.simple_response(503, "request queue full", close=False))
+            return
+        self.wait_list.append((conn, request))
+        conn.waiting = self
+
+    def cancel_wait(self, conn: Connection) -> None:
+        """The client of a waiting request went away."""
+        for i, (waiting, request) in enumerate(self.wait_list):
+            if waiting is conn:
+                del self.wait_list[i]
+                request.discard()
+                return
+
+    def on_session_done(self, proc: Process, session: Session, keep: bool) -> None:
+        """A process finished a request: serve the wait-list first, then the connection's next."""
+        self._serve_waiting(proc)
+        session.conn.on_response_done(keep)
+
+    def _serve_waiting(self, proc: Process) -> None:
+        while self.wait_list and proc.can_take():
+            conn, request = self.wait_list.popleft()
+            conn.waiting = None
+            if not proc.handoff(conn, request, self.pool.keep_alive(request)):
+                self.wait_list.appendleft((conn, request))
+                conn.waiting = self
+                return
+
+    def _answer_boot_error(self, conn: Connection) -> None:
+        assert self.boot_error is not None
+        page = errors.boot_error_page(self.name, self.boot_error, details=self.development)
+        conn.respond(errors.html_response(500, page))
+
+    # -- spawning --------------------------------------------------------------------------------
+
+    def ensure_min_instances(self) -> None:
+        """Start processes until ``min_instances`` are running or starting."""
+        if self.pool.stopping or time.monotonic() < self.next_spawn_at:
+            return
+        while self.live_count() < self.settings["min_instances"] and self.pool.has_room():
+            self._spawn()
+
+    def _grow(self) -> None:
+        """Every process is busy: start one more if the pool has room and none is starting."""
+        if self.pool.stopping or self.spawning or time.monotonic() < self.next_spawn_at:
+            return
+        if self.pool.has_room():
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self.spawning += 1
+        task = asyncio.get_running_loop().create_task(self._run_spawn())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_spawn(self) -> None:
+        try:
+            proc = await spawner.spawn(self)
+        except SpawnError as exc:
+            self.spawning -= 1
+            self._spawn_failed(exc)
+            return
+        except Exception as exc:  # a bug in the core's spawning must not kill the group
+            log.exception("app %s: spawn failed unexpectedly", self.name)
+            self.spawning -= 1
+            self._spawn_failed(SpawnError("PREPARE", repr(exc)))
+            return
+        self.spawning -= 1
+        if self.pool.stopping:
+            proc.start_serving()
+            self.processes.append(proc)
+            proc.stop()
+            return
+        self.boot_error = None
+        self.failures = 0
+        self.next_spawn_at = 0.0
+        self.processes.append(proc)
+        proc.start_serving()
+        self.pool.on_process_ready(self)
+        self._serve_waiting(proc)
+        if self.wait_list:
+            self._grow()
+
+    def _spawn_failed(self, error: SpawnError) -> None:
+        self.failures += 1
+        delay = min(MAX_BACKOFF, 2.0 ** (self.failures - 1))
+        self.next_spawn_at = time.monotonic() + delay
+        self.boot_error = error
+        log.error(
+            "app %s failed to start: %s (attempt %d; next attempt in %.0f s)",
+            self.name,
+            error,
+            self.failures,
+            delay,
+        )
+        if error.traceback:
+            log.error("app %s: %s", self.name, error.traceback.rstrip())
+        if self.ready_count() == 0:
+            waiting = list(self.wait_list)
+            self.wait_list.clear()
+            for conn, request in waiting:
+                conn.waiting = None
+                request.discard()
+                self._answer_boot_error(conn)
+        self.pool.on_spawn_failed(self)
+        if not self.pool.stopping and self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(delay, self._retry_spawn)
+
+    def _retry_spawn(self) -> None:
+        self._retry = None
+        self.ensure_min_instances()
+
+    # -- process deaths --------------------------------------------------------------------------
+
+    def on_process_lost(self, proc: Process, had_sessions: bool) -> None:
+        """A process's control channel closed (it is exiting, or it crashed): replace it now,
+        without waiting for it to be reaped."""
+        if self.pool.stopping:
+            return
+        self.ensure_min_instances()
+        if self.wait_list:
+            self._grow()
+
+    def on_process_exited(self, proc: Process) -> None:
+        """A process was reaped: forget it and replace it when the app needs one."""
+        if proc in self.processes:
+            self.processes.remove(proc)
+        self.pool.on_process_exited(self)
+        if self.pool.stopping:
+            return
+        self.ensure_min_instances()
+        if self.wait_list:
+            self._grow()
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop every process (each finishes its requests first)."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        for proc in list(self.processes):
+            proc.stop()
+
+    def busy(self) -> bool:
+        return bool(self.wait_list) or any(p.sessions for p in self.processes)
+
+    def verify_invariants(self) -> None:
+        limit = self.settings["max_request_queue_size"]
+        assert not limit or len(self.wait_list) <= limit
+        if self.wait_list:
+            assert not any(p.can_take() for p in self.processes)
+        for proc in self.processes:
+            assert proc.group is self
+            proc.verify_invariants()

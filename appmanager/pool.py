@@ -1,0 +1,82 @@
+"""The Pool: every app of one core, and the limit on processes across them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from appmanager.group import Group
+
+if TYPE_CHECKING:
+    from appmanager.front import Connection
+    from appmanager.request import Request
+
+log = logging.getLogger("appmanager")
+
+
+class Pool:
+    """All Groups of one core. Lives as long as the core.
+
+    Enforces ``max_pool_size`` over the processes of every group together. Routes a request to its
+    group; with one app, every request goes to it.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.max_pool_size: int = settings["max_pool_size"]
+        self.groups: list[Group] = []
+        self.stopping = False
+        # Called whenever processes become ready, fail to start or exit; the core waits on it.
+        self.changed: Callable[[], None] = lambda: None
+
+    def add_group(self, group: Group) -> None:
+        self.groups.append(group)
+
+    def route(self, conn: Connection, request: Request) -> None:
+        """Send ``request`` to its app."""
+        self.groups[0].dispatch(conn, request)
+
+    def keep_alive(self, request: Request) -> bool:
+        """May the connection stay open after this request's response?"""
+        return request.keep_alive and not self.stopping
+
+    def process_count(self) -> int:
+        return sum(g.live_count() for g in self.groups)
+
+    def has_room(self) -> bool:
+        return self.process_count() < self.max_pool_size
+
+    def on_process_ready(self, group: Group) -> None:
+        self.changed()
+
+    def on_spawn_failed(self, group: Group) -> None:
+        self.changed()
+
+    def on_process_exited(self, group: Group) -> None:
+        """Room freed in the pool: a group waiting for room may grow."""
+        self.changed()
+        if self.stopping:
+            return
+        for other in self.groups:
+            if other is not group and other.wait_list:
+                other.ensure_min_instances()
+
+    def start(self) -> None:
+        for group in self.groups:
+            group.ensure_min_instances()
+
+    def stop(self) -> None:
+        self.stopping = True
+        for group in self.groups:
+            group.stop()
+
+    def busy(self) -> bool:
+        return any(g.busy() for g in self.groups)
+
+    def all_exited(self) -> bool:
+        return all(g.live_count() == 0 for g in self.groups)
+
+    def verify_invariants(self) -> None:
+        assert self.process_count() <= self.max_pool_size or self.stopping
+        for group in self.groups:
+            group.verify_invariants()

@@ -1,0 +1,245 @@
+"""A Process: one OS process of an app, and the core's side of its control channel.
+
+This module holds the handoff data path (``docs/protocol/handoff.md``): sending a request with the
+client's descriptor, reading ``D`` messages back, and what happens to in-flight requests when the
+process dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from appmanager.request import Request, body_fd
+from appmanager.session import Session
+from appmanager.states import ProcessState, transition
+
+if TYPE_CHECKING:
+    from appmanager.front import Connection
+    from appmanager.group import Group
+    from appmanager.output import OutputCapture
+
+log = logging.getLogger("appmanager")
+
+# After a process is asked to stop (its control channel closed), how long it gets before TERM,
+# and then before KILL.
+STOP_GRACE = 10.0
+KILL_GRACE = 5.0
+
+
+class Process:
+    """One OS process of an app.
+
+    A Process outlives its Sessions and its OS process: it stays in its Group's list until the OS
+    process is reaped, so that a request in flight on a dying process can still be answered (502).
+    Invariants: ``sessions`` is empty unless the state is READY or STOPPING; at most ``concurrency``
+    sessions when ``concurrency`` > 0.
+    """
+
+    def __init__(
+        self,
+        group: Group,
+        pid: int,
+        ctl: socket.socket,
+        progress_fd: int,
+        pidfd: int,
+        output: OutputCapture,
+        concurrency: int,
+    ) -> None:
+        self.group = group
+        self.pid = pid
+        self.state = ProcessState.SPAWNING
+        self.ctl = ctl
+        self.progress_fd = progress_fd
+        self.pidfd = pidfd
+        self.output = output
+        self.concurrency = concurrency
+        self.sessions: dict[int, Session] = {}
+        self.seq = 0
+        self.processed = 0
+        self.spawned_at = time.time()
+        self.last_used = time.monotonic()
+        self.exit_status: int | None = None
+        self._lost = False
+        self._loop = asyncio.get_running_loop()
+        self._kill_timer: asyncio.TimerHandle | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start_serving(self) -> None:
+        """The handshake is done: take requests."""
+        self._loop.add_reader(self.pidfd, self._on_exit)
+        self._loop.add_reader(self.ctl.fileno(), self._on_control)
+        transition(self, ProcessState.READY)  # SPAWNING -> READY
+
+    def abandon(self) -> None:
+        """The spawn failed: kill what is left of the process and reap it when it exits."""
+        self._lost = True
+        self.ctl.close()
+        self.signal(signal.SIGKILL)
+        self._loop.add_reader(self.pidfd, self._on_exit)
+
+    def stop(self) -> None:
+        """Retire the process: no new requests; once idle, close its channel so it exits."""
+        if self.state in (ProcessState.STOPPING, ProcessState.EXITED):
+            return
+        transition(self, ProcessState.STOPPING)  # READY/SPAWNING -> STOPPING
+        if not self.sessions:
+            self._close_channel()
+
+    def _close_channel(self) -> None:
+        """EOF on the control channel tells the shim to exit; TERM and KILL follow if it does not."""
+        if self.ctl.fileno() >= 0:
+            self._loop.remove_reader(self.ctl.fileno())
+            self.ctl.close()
+        if self._kill_timer is None and self.state is not ProcessState.EXITED:
+            self._kill_timer = self._loop.call_later(STOP_GRACE, self._terminate)
+
+    def _terminate(self) -> None:
+        if self.state is ProcessState.EXITED:
+            return
+        log.warning("process %d did not exit in %.0f s; sending TERM", self.pid, STOP_GRACE)
+        self.signal(signal.SIGTERM)
+        self._kill_timer = self._loop.call_later(KILL_GRACE, self._kill)
+
+    def _kill(self) -> None:
+        if self.state is ProcessState.EXITED:
+            return
+        log.warning("process %d did not exit after TERM; sending KILL", self.pid)
+        self.signal(signal.SIGKILL)
+
+    def signal(self, sig: int) -> None:
+        """Signal the process and its children (it leads its own process group)."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            os.kill(self.pid, sig)
+
+    # -- the data path ---------------------------------------------------------------------------
+
+    def can_take(self) -> bool:
+        return self.state is ProcessState.READY and (
+            self.concurrency == 0 or len(self.sessions) < self.concurrency
+        )
+
+    def handoff(self, conn: Connection, request: Request, keep_alive: bool) -> bool:
+        """Pass ``request`` and the client's descriptor to the process. False when the process is
+        already gone (the request was not delivered and may go elsewhere)."""
+        self.seq += 1
+        seq = self.seq
+        bfd = body_fd(request)
+        flags = b"K" if keep_alive else b""
+        if bfd is None:
+            ancillary = conn.ancillary
+        else:
+            flags += b"F"
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("ii", conn.fd, bfd))]
+        header = b"Q %d %s %s %d %d\n" % (
+            seq,
+            flags or b"-",
+            conn.meta,
+            len(request.head),
+            request.body_len,
+        )
+        try:
+            self.ctl.sendmsg([header, request.head, request.body], ancillary)
+        except OSError as exc:
+            log.warning("process %d: handoff failed: %s", self.pid, exc)
+            self._lost_channel()
+            return False
+        finally:
+            request.discard()
+        self.sessions[seq] = Session(seq, conn, self)
+        return True
+
+    def _on_control(self) -> None:
+        while True:
+            try:
+                msg = self.ctl.recv(256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg = b""
+            if not msg:
+                self._lost_channel()
+                return
+            if msg[0:2] == b"D ":
+                _, seq_text, keep = msg.split(b" ", 2)
+                session = self.sessions.pop(int(seq_text), None)
+                if session is None:
+                    log.error("process %d reported unknown request %s", self.pid, seq_text)
+                    continue
+                self.processed += 1
+                self.last_used = time.monotonic()
+                self.group.on_session_done(self, session, keep.startswith(b"k"))
+                if self.state is ProcessState.STOPPING and not self.sessions:
+                    self._close_channel()
+            else:
+                log.error("process %d sent an unknown message %r", self.pid, msg[:40])
+
+    # -- death -----------------------------------------------------------------------------------
+
+    def _lost_channel(self) -> None:
+        """The control channel closed: the process is exiting or dead. Answer what it held."""
+        if self._lost:
+            return
+        self._lost = True
+        if self.ctl.fileno() >= 0:
+            self._loop.remove_reader(self.ctl.fileno())
+            self.ctl.close()
+        if self.state is ProcessState.READY:
+            log.warning("process %d of app %s died unexpectedly", self.pid, self.group.name)
+            transition(self, ProcessState.STOPPING)  # READY -> STOPPING: it takes no more requests
+        started = self._started_seq()
+        sessions = list(self.sessions.values())
+        self.sessions.clear()
+        for session in sessions:
+            session.conn.on_process_lost(response_started=session.seq == started)
+        self.group.on_process_lost(self, had_sessions=bool(sessions))
+
+    def _started_seq(self) -> int:
+        try:
+            data = os.pread(self.progress_fd, 8, 0)
+        except OSError:
+            return -1
+        return struct.unpack("<Q", data)[0] if len(data) == 8 else 0
+
+    def _on_exit(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 0
+        if pid == 0:
+            return
+        self._loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        self.exit_status = os.waitstatus_to_exitcode(status)
+        self.output.pid = self.pid
+        self._lost_channel()
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+        transition(self, ProcessState.EXITED)  # any -> EXITED
+        how = (
+            f"signal {-self.exit_status}"
+            if self.exit_status < 0
+            else f"status {self.exit_status}"
+        )
+        log.info("process %d exited with %s", self.pid, how)
+        os.close(self.progress_fd)
+        self.group.on_process_exited(self)
+
+    def verify_invariants(self) -> None:
+        if self.state not in (ProcessState.READY, ProcessState.STOPPING):
+            assert not self.sessions, "sessions on a process that is not serving"
+        if self.concurrency > 0:
+            assert len(self.sessions) <= self.concurrency
+        for session in self.sessions.values():
+            assert session.process is self

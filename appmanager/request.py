@@ -1,0 +1,280 @@
+"""Reading one HTTP/1.x request out of a connection's buffer: head, then body.
+
+The core reads every request whole before it hands it to an app process (``docs/protocol/handoff.md``),
+so a slow upload never pins an app process. A ``RequestReader`` lives for one request; the connection
+makes a new one for the next. Heads are parsed with httptools; bodies are de-chunked here and kept in
+memory up to ``INLINE_LIMIT``, in an unlinked temporary file beyond that.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import IO
+
+import httptools
+
+MAX_HEAD = 8 * 1024
+# Bodies up to this size travel inside the handoff message; a SEQPACKET message must fit in the
+# socket's send buffer (about 200 KiB by default), so this stays well below it.
+INLINE_LIMIT = 64 * 1024
+MAX_BODY = 1024 * 1024 * 1024
+MAX_CHUNK_LINE = 1024
+
+
+class HttpError(Exception):
+    """A request the core answers itself, without an app: ``status`` and a short reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class Request:
+    """One request, read whole: what the handoff message carries plus what routing needs."""
+
+    head: bytes
+    method: bytes
+    path: bytes
+    host: bytes
+    keep_alive: bool
+    http11: bool
+    body: bytes = b""
+    body_file: IO[bytes] | None = None
+    body_len: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def discard(self) -> None:
+        """Release the body file, if any (the process has its own descriptor by then)."""
+        if self.body_file is not None:
+            self.body_file.close()
+            self.body_file = None
+
+
+class _HeadCallbacks:
+    """Collects what httptools reports for one request head."""
+
+    __slots__ = ("url", "headers", "content_length", "transfer_encoding", "expect", "host", "done")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: list[bytes] = []
+        self.transfer_encoding: list[bytes] = []
+        self.expect: bytes | None = None
+        self.host = b""
+        self.done = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        lname = name.lower()
+        if lname == b"content-length":
+            self.content_length.append(value)
+        elif lname == b"transfer-encoding":
+            self.transfer_encoding.append(value)
+        elif lname == b"host":
+            self.host = value
+        elif lname == b"expect":
+            self.expect = value
+
+    def on_headers_complete(self) -> None:
+        self.done = True
+
+
+class RequestReader:
+    """Reads one request from a growing buffer; ``feed`` is called each time bytes arrive."""
+
+    def __init__(self, spool_dir: str | None) -> None:
+        self._spool_dir = spool_dir
+        self.request: Request | None = None
+        self.send_continue = False
+        self._length = -1  # Content-Length, or -1 when chunked
+        self._chunked = False
+        self._chunk_left = 0
+        self._chunk_state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
+        self._mem = bytearray()
+        self._file: IO[bytes] | None = None
+        self._received = 0
+
+    def feed(self, buf: bytearray) -> int:
+        """Consume what it can from ``buf``; return how many bytes were used.
+
+        When the request is complete ``complete`` is True. Raises ``HttpError`` for a request the core
+        must refuse.
+        """
+        used = 0
+        if self.request is None:
+            used = self._read_head(buf)
+            if self.request is None:
+                return used
+        if self._chunked:
+            used += self._read_chunked(buf, used)
+        elif self._received < self._length:
+            take = min(self._length - self._received, len(buf) - used)
+            if take:
+                self._store(memoryview(buf)[used : used + take])
+                used += take
+        return used
+
+    @property
+    def complete(self) -> bool:
+        if self.request is None:
+            return False
+        if self._chunked:
+            return self._chunk_state == 4
+        return self._received >= self._length
+
+    def finish(self) -> Request:
+        """The complete request, with its body attached."""
+        request = self.request
+        assert request is not None and self.complete
+        request.body_len = self._received
+        if self._file is not None:
+            self._file.flush()
+            request.body_file = self._file
+        else:
+            request.body = bytes(self._mem)
+        return request
+
+    def close(self) -> None:
+        """Drop a partly read request (the client went away or was refused)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _read_head(self, buf: bytearray) -> int:
+        start = 0
+        # RFC 9112 2.2: ignore empty lines before a request line (some clients send them
+        # after a POST body).
+        while buf.startswith(b"\r\n", start):
+            start += 2
+        end = buf.find(b"\r\n\r\n", start, start + MAX_HEAD + 4)
+        if end < 0:
+            if len(buf) - start > MAX_HEAD:
+                raise HttpError(431, "request header section too large")
+            return start
+        end += 4
+        head = bytes(buf[start:end])
+        callbacks = _HeadCallbacks()
+        parser = httptools.HttpRequestParser(callbacks)
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError as exc:
+            self._check_framing(callbacks)
+            raise HttpError(400, f"malformed request: {exc}") from None
+        if not callbacks.done:
+            raise HttpError(400, "malformed request head")
+        self._check_framing(callbacks)
+        http11 = parser.get_http_version() == "1.1"
+        self.request = Request(
+            head=head,
+            method=parser.get_method(),
+            path=callbacks.url,
+            host=callbacks.host,
+            keep_alive=parser.should_keep_alive(),
+            http11=http11,
+            headers=callbacks.headers,
+        )
+        if callbacks.transfer_encoding:
+            self._chunked = True
+        elif callbacks.content_length:
+            self._length = _content_length(callbacks.content_length)
+        else:
+            self._length = 0
+        if callbacks.expect is not None:
+            if callbacks.expect.strip().lower() != b"100-continue":
+                raise HttpError(417, "unsupported expectation")
+            self.send_continue = http11 and (self._chunked or self._length > 0)
+        return end
+
+    @staticmethod
+    def _check_framing(cb: _HeadCallbacks) -> None:
+        if cb.transfer_encoding and cb.content_length:
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        if cb.transfer_encoding:
+            codings = b",".join(cb.transfer_encoding).lower().replace(b" ", b"").split(b",")
+            if codings != [b"chunked"]:
+                raise HttpError(501, "unsupported transfer coding")
+
+    def _read_chunked(self, buf: bytearray, pos: int) -> int:
+        start = pos
+        n = len(buf)
+        while pos < n and self._chunk_state != 4:
+            state = self._chunk_state
+            if state == 1:
+                take = min(self._chunk_left, n - pos)
+                self._store(memoryview(buf)[pos : pos + take])
+                pos += take
+                self._chunk_left -= take
+                if self._chunk_left == 0:
+                    self._chunk_state = 2
+                continue
+            eol = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE)
+            if eol < 0:
+                if n - pos > MAX_CHUNK_LINE:
+                    raise HttpError(400, "chunk line too long")
+                break
+            line = bytes(buf[pos:eol])
+            pos = eol + 2
+            if state == 0:
+                size_text = line.split(b";", 1)[0].strip()
+                try:
+                    if not size_text or size_text.startswith((b"-", b"+", b"0x", b"0X")):
+                        raise ValueError
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise HttpError(400, "malformed chunk size") from None
+                if self._received + size > MAX_BODY:
+                    raise HttpError(413, "request body too large")
+                if size == 0:
+                    self._chunk_state = 3
+                else:
+                    self._chunk_left = size
+                    self._chunk_state = 1
+            elif state == 2:
+                if line:
+                    raise HttpError(400, "malformed chunk terminator")
+                self._chunk_state = 0
+            elif not line:  # state 3: trailer fields end with an empty line
+                self._chunk_state = 4
+        return pos - start
+
+    def _store(self, data: memoryview) -> None:
+        self._received += len(data)
+        if self._file is None and len(self._mem) + len(data) <= INLINE_LIMIT:
+            self._mem += data
+            return
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=self._spool_dir)
+            self._file.write(self._mem)
+            self._mem = bytearray()
+        self._file.write(data)
+
+
+def _content_length(values: list[bytes]) -> int:
+    if len(set(values)) != 1:
+        raise HttpError(400, "conflicting Content-Length headers")
+    text = values[0].strip()
+    if not text.isdigit():
+        raise HttpError(400, "malformed Content-Length")
+    length = int(text)
+    if length > MAX_BODY:
+        raise HttpError(413, "request body too large")
+    return length
+
+
+def body_fd(request: Request) -> int | None:
+    """The descriptor of the request's body file, rewound, or None for an inline body."""
+    if request.body_file is None:
+        return None
+    fd = request.body_file.fileno()
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd

@@ -1,0 +1,30 @@
+"""A Session: one request checked out to one Process."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from appmanager.front import Connection
+    from appmanager.process import Process
+
+
+class Session:
+    """One request in flight on one Process.
+
+    Lives from the handoff until the process reports the request done or dies. The Connection it
+    serves outlives it (keep-alive); so does the Process.
+    """
+
+    __slots__ = ("seq", "conn", "process", "started")
+
+    def __init__(self, seq: int, conn: Connection, process: Process) -> None:
+        self.seq = seq
+        self.conn = conn
+        self.process = process
+        self.started = time.monotonic()
+
+    def verify_invariants(self) -> None:
+        assert self.process.sessions.get(self.seq) is self
+        assert self.conn.busy

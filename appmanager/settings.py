@@ -1,0 +1,310 @@
+"""The one declaration of every appmanager setting.
+
+Each setting is declared once here, as a frozen dataclass in ``SETTINGS``. The CLI options, the
+validation of values, and ``docs/settings.md`` are all derived from this list; later the config files and
+the nginx and Apache directive tables come from it too. Nothing else in the code base spells a setting's
+default, type or documentation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Scope(Enum):
+    """Where a setting applies: to the whole core, or to one app."""
+
+    GLOBAL = "global"
+    APP = "app"
+
+
+class SettingError(ValueError):
+    """A setting's value was rejected; the message names the setting and says why."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(f"invalid value for {setting}: {reason}")
+        self.setting = setting
+        self.reason = reason
+
+
+Validator = Callable[[Any], None]
+
+
+def _at_least(minimum: int) -> Validator:
+    def check(value: Any) -> None:
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+
+    return check
+
+
+def _port(value: Any) -> None:
+    if not 0 < value < 65536:
+        raise ValueError(f"must be between 1 and 65535, got {value}")
+
+
+def _writable_parent(value: Any) -> None:
+    parent = os.path.dirname(os.path.abspath(value)) or "."
+    if not os.path.isdir(parent):
+        raise ValueError(f"directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"directory {parent} is not writable")
+
+
+def _nonempty(value: Any) -> None:
+    if not str(value).strip():
+        raise ValueError("must not be empty")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name, type, default, scope, documentation and validator.
+
+    ``name`` is the canonical snake_case name (``max_pool_size``); the CLI option is
+    ``--max-pool-size``. ``type`` is one of ``str``, ``int``, ``float``, ``bool`` or ``path``.
+    ``choices`` restricts a ``str`` setting. ``cli`` is False for settings that only a config file or
+    connector may give.
+    """
+
+    name: str
+    type: str
+    default: Any
+    scope: Scope
+    doc: str
+    validator: Validator | None = None
+    choices: tuple[str, ...] = ()
+    short: str | None = None
+    cli: bool = True
+    metavar: str | None = None
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def option(self) -> str:
+        """The long CLI option, e.g. ``--max-pool-size``."""
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, raw: Any) -> Any:
+        """Turn a raw value (a CLI or config string, or an already typed value) into the setting's
+        type, validated. Raises ``SettingError`` naming the setting."""
+        if raw is None:
+            return None
+        try:
+            value = _convert(self.type, raw)
+            if self.choices and value not in self.choices:
+                raise ValueError(f"must be one of {', '.join(self.choices)}, got {value!r}")
+            if self.validator is not None:
+                self.validator(value)
+        except ValueError as exc:
+            raise SettingError(self.option, str(exc)) from None
+        return value
+
+
+def _convert(kind: str, raw: Any) -> Any:
+    if kind == "int":
+        if isinstance(raw, bool):
+            raise ValueError(f"must be an integer, got {raw!r}")
+        if isinstance(raw, int):
+            return raw
+        try:
+            return int(str(raw).strip())
+        except ValueError:
+            raise ValueError(f"must be an integer, got {raw!r}") from None
+    if kind == "float":
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a number, got {raw!r}") from None
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"must be on or off, got {raw!r}")
+    if kind in ("str", "path"):
+        return str(raw)
+    raise ValueError(f"unknown setting type {kind}")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "address",
+        "str",
+        "127.0.0.1",
+        Scope.GLOBAL,
+        "The address the core listens on for HTTP.",
+        validator=_nonempty,
+        metavar="HOST",
+    ),
+    Setting(
+        "port",
+        "int",
+        3000,
+        Scope.GLOBAL,
+        "The TCP port the core listens on for HTTP.",
+        validator=_port,
+        short="-p",
+    ),
+    Setting(
+        "socket",
+        "path",
+        None,
+        Scope.GLOBAL,
+        "Also listen for HTTP on this Unix socket (what the nginx and Apache connectors use).",
+        validator=_writable_parent,
+        metavar="PATH",
+    ),
+    Setting(
+        "environment",
+        "str",
+        "production",
+        Scope.APP,
+        "The app's environment; sets RACK_ENV, RAILS_ENV, NODE_ENV, WSGI_ENV and APPMANAGER_ENV. "
+        "`development` shows error details in the browser.",
+        validator=_nonempty,
+        short="-e",
+        metavar="NAME",
+    ),
+    Setting(
+        "app_type",
+        "str",
+        None,
+        Scope.APP,
+        "The kind of app, instead of detecting it.",
+        choices=("wsgi",),
+    ),
+    Setting(
+        "startup_file",
+        "path",
+        None,
+        Scope.APP,
+        "The file that defines the app, relative to the app root, instead of detecting it.",
+        metavar="FILE",
+    ),
+    Setting(
+        "python",
+        "path",
+        None,
+        Scope.APP,
+        "The Python interpreter that runs the app (default: the one running appmanager).",
+        metavar="PATH",
+    ),
+    Setting(
+        "min_instances",
+        "int",
+        1,
+        Scope.APP,
+        "Processes of the app kept running even when idle; started before the server reports ready.",
+        validator=_at_least(0),
+        metavar="N",
+    ),
+    Setting(
+        "max_pool_size",
+        "int",
+        6,
+        Scope.GLOBAL,
+        "The most app processes the core runs at once, all apps together.",
+        validator=_at_least(1),
+        metavar="N",
+    ),
+    Setting(
+        "max_request_queue_size",
+        "int",
+        100,
+        Scope.APP,
+        "Requests that may wait for a process of the app; more are answered 503 at once. "
+        "0 means no limit.",
+        validator=_at_least(0),
+        metavar="N",
+    ),
+    Setting(
+        "start_timeout",
+        "float",
+        90.0,
+        Scope.APP,
+        "Seconds a process may take to boot before the spawn is abandoned and reported.",
+        validator=_at_least(1),
+        metavar="SECONDS",
+    ),
+    Setting(
+        "shutdown_timeout",
+        "float",
+        30.0,
+        Scope.GLOBAL,
+        "Seconds in-flight requests get to finish when the core stops.",
+        validator=_at_least(0),
+        metavar="SECONDS",
+    ),
+    Setting(
+        "instance_dir",
+        "path",
+        None,
+        Scope.GLOBAL,
+        "Where the instance keeps its sockets and state; a private temporary directory by default. "
+        "Removed when the core stops.",
+        validator=_writable_parent,
+        metavar="DIR",
+    ),
+    Setting(
+        "log_file",
+        "path",
+        None,
+        Scope.GLOBAL,
+        "Where the core writes its log and the apps' output (default: standard error; with "
+        "--daemonize, log/appmanager.PORT.log in the app root).",
+        validator=_writable_parent,
+        metavar="FILE",
+    ),
+    Setting(
+        "log_level",
+        "str",
+        "info",
+        Scope.GLOBAL,
+        "The least severe level the core logs.",
+        choices=("debug", "info", "warning", "error"),
+    ),
+    Setting(
+        "pid_file",
+        "path",
+        None,
+        Scope.GLOBAL,
+        "Write the core's pid to this file while it runs.",
+        validator=_writable_parent,
+        metavar="FILE",
+    ),
+    Setting(
+        "daemonize",
+        "bool",
+        False,
+        Scope.GLOBAL,
+        "Detach from the terminal and run in the background.",
+    ),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def defaults() -> dict[str, Any]:
+    """Every setting's default value, by name."""
+    return {s.name: s.default for s in SETTINGS}
+
+
+def parse_all(raw: dict[str, Any]) -> dict[str, Any]:
+    """Validate a mapping of raw values by setting name, filling in defaults.
+
+    Raises ``SettingError`` for the first bad value, and for a name that is not a setting.
+    """
+    values = defaults()
+    for name, value in raw.items():
+        setting = BY_NAME.get(name)
+        if setting is None:
+            raise SettingError(name, "no such setting")
+        if value is not None:
+            values[name] = setting.parse(value)
+    return values
