@@ -57,7 +57,16 @@ class Request:
 class _HeadCallbacks:
     """Collects what httptools reports for one request head."""
 
-    __slots__ = ("url", "headers", "content_length", "transfer_encoding", "expect", "host", "done")
+    __slots__ = (
+        "url",
+        "headers",
+        "content_length",
+        "transfer_encoding",
+        "expect",
+        "host",
+        "connection",
+        "done",
+    )
 
     def __init__(self) -> None:
         self.url = b""
@@ -66,6 +75,7 @@ class _HeadCallbacks:
         self.transfer_encoding: list[bytes] = []
         self.expect: bytes | None = None
         self.host = b""
+        self.connection = b""
         self.done = False
 
     def on_url(self, url: bytes) -> None:
@@ -82,6 +92,8 @@ class _HeadCallbacks:
             self.host = value
         elif lname == b"expect":
             self.expect = value
+        elif lname == b"connection":
+            self.connection += b"," + value.lower()
 
     def on_headers_complete(self) -> None:
         self.done = True
@@ -174,12 +186,16 @@ class RequestReader:
             raise HttpError(400, "malformed request head")
         self._check_framing(callbacks)
         http11 = parser.get_http_version() == "1.1"
+        # httptools' should_keep_alive() is not reliable once the message is complete, so the
+        # rule (RFC 9112 9.3) is applied here.
+        tokens = {t.strip() for t in callbacks.connection.split(b",")}
+        keep_alive = b"close" not in tokens if http11 else b"keep-alive" in tokens
         self.request = Request(
             head=head,
             method=parser.get_method(),
             path=callbacks.url,
             host=callbacks.host,
-            keep_alive=parser.should_keep_alive(),
+            keep_alive=keep_alive,
             http11=http11,
             headers=callbacks.headers,
         )

@@ -34,9 +34,19 @@ def test_simple_get() -> None:
     assert used == len(b"GET /a?b=c HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
-def test_http10_defaults_to_close() -> None:
-    reader, _ = read_all(b"GET / HTTP/1.0\r\n\r\n")
-    assert not reader.finish().keep_alive
+@pytest.mark.parametrize(
+    ("head", "keep"),
+    [
+        (b"GET / HTTP/1.0\r\n\r\n", False),
+        (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True),
+        (b"GET / HTTP/1.1\r\n\r\n", True),
+        (b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n", False),
+        (b"GET / HTTP/1.1\r\nConnection: upgrade, close\r\n\r\n", False),
+    ],
+)
+def test_keep_alive_rules(head: bytes, keep: bool) -> None:
+    reader, _ = read_all(head)
+    assert reader.finish().keep_alive is keep
 
 
 @pytest.mark.parametrize("step", [None, 1, 7])
