@@ -1,8 +1,8 @@
 """The core: one asyncio (uvloop) loop that owns the listeners, the connections and the Pool.
 
 A Core lives for one ``appmanager start``: it creates the instance directory, listens, starts
-``min_instances`` processes of each app, prints the banner, serves until SIGINT or SIGTERM, then drains
-and stops everything and removes the instance directory.
+``min_instances`` processes of each app, prints the banner, serves until SIGINT or SIGTERM, then
+drains and stops everything and removes the instance directory.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class Core:
         self._stop_event.set()
 
     async def _shutdown(self) -> None:
-        """Stop accepting, let in-flight and queued requests finish, stop every process, clean up."""
+        """Stop accepting, let queued and in-flight requests finish, stop every process."""
         assert self._changed is not None
         self.stopping = True
         for listener in self.listeners:

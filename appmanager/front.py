@@ -1,8 +1,8 @@
 """The front: listening sockets and client connections.
 
 The core reads each request whole (``request.py``), routes it to its app, and lends the connection's
-descriptor to an app process until the process reports the response done (``process.py``). The core is
-the only reader of a connection; an app process is its only writer while it holds a request.
+descriptor to an app process until the process reports the response done (``process.py``). The core
+is the only reader of a connection; an app process is its only writer while it holds a request.
 """
 
 from __future__ import annotations

@@ -29,10 +29,11 @@ class Group:
     """One app (an app root and its settings) in the Pool.
 
     A Group outlives its Processes: it is created when the core starts and lives until it stops.
-    It owns the app's processes (spawning, ready and stopping ones), the wait-list of requests that no
-    process could take yet, and the spawn state: the last boot error and the backoff before the
-    next attempt. Invariants: a request is in the wait-list only while no READY process can take it;
-    the wait-list never holds more than ``max_request_queue_size`` requests (when that is not 0).
+    It owns the app's processes (spawning, ready and stopping ones), the wait-list of requests
+    that no process could take yet, and the spawn state: the last boot error and the backoff
+    before the next attempt. Invariants: a request is in the wait-list only while no READY process
+    can take it; the wait-list never holds more than ``max_request_queue_size`` requests (when
+    that is not 0).
     """
 
     def __init__(self, pool: Pool, name: str, spec: AppSpec, settings: dict[str, Any]) -> None:
@@ -55,9 +56,7 @@ class Group:
 
     def live_count(self) -> int:
         """Processes that count against the pool: spawning, ready and stopping ones."""
-        return self.spawning + sum(
-            1 for p in self.processes if p.state is not ProcessState.EXITED
-        )
+        return self.spawning + sum(1 for p in self.processes if p.state is not ProcessState.EXITED)
 
     def ready_count(self) -> int:
         return sum(1 for p in self.processes if p.state is ProcessState.READY)
@@ -72,10 +71,15 @@ class Group:
                 break
             if proc.handoff(conn, request, self.pool.keep_alive(request)):
                 return
-        if self.boot_error is not None and self.ready_count() == 0 and self.spawning == 0:
-            if time.monotonic() < self.next_spawn_at:
-                self._answer_boot_error(conn)
-                return
+        if (
+            self.boot_error is not None
+            and self.ready_count() == 0
+            and self.spawning == 0
+            and time.monotonic() < self.next_spawn_at
+        ):
+            # Still backing off after a failed boot: answer with the error instead of waiting.
+            self._answer_boot_error(conn)
+            return
         self._grow()
         limit = self.settings["max_request_queue_size"]
         if limit and len(self.wait_list) >= limit:

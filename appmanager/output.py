@@ -15,8 +15,8 @@ MAX_LINE = 16 * 1024
 class OutputCapture:
     """Reads one process's output pipe and logs each line with the app and pid.
 
-    Lives until the pipe reaches EOF (every holder of its write end has exited). Keeps the last lines
-    for error pages.
+    Lives until the pipe reaches EOF (every holder of its write end has exited). Keeps the last
+    lines for error pages.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, app_name: str) -> None:

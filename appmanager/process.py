@@ -94,7 +94,8 @@ class Process:
             self._close_channel()
 
     def _close_channel(self) -> None:
-        """EOF on the control channel tells the shim to exit; TERM and KILL follow if it does not."""
+        """Close the control channel: EOF tells the shim to exit; TERM, then KILL, follow if
+        it does not."""
         if self.ctl.fileno() >= 0:
             self._loop.remove_reader(self.ctl.fileno())
             self.ctl.close()
@@ -228,9 +229,7 @@ class Process:
             self._kill_timer.cancel()
         transition(self, ProcessState.EXITED)  # any -> EXITED
         how = (
-            f"signal {-self.exit_status}"
-            if self.exit_status < 0
-            else f"status {self.exit_status}"
+            f"signal {-self.exit_status}" if self.exit_status < 0 else f"status {self.exit_status}"
         )
         log.info("process %d exited with %s", self.pid, how)
         os.close(self.progress_fd)

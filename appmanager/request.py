@@ -1,9 +1,10 @@
 """Reading one HTTP/1.x request out of a connection's buffer: head, then body.
 
-The core reads every request whole before it hands it to an app process (``docs/protocol/handoff.md``),
-so a slow upload never pins an app process. A ``RequestReader`` lives for one request; the connection
-makes a new one for the next. Heads are parsed with httptools; bodies are de-chunked here and kept in
-memory up to ``INLINE_LIMIT``, in an unlinked temporary file beyond that.
+The core reads every request whole before it hands it to an app process
+(``docs/protocol/handoff.md``), so a slow upload never pins an app process. A ``RequestReader``
+lives for one request; the connection makes a new one for the next. Heads are parsed with httptools;
+bodies are de-chunked here and kept in memory up to ``INLINE_LIMIT``, in an unlinked temporary file
+beyond that.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class RequestReader:
     def feed(self, buf: bytearray) -> int:
         """Consume what it can from ``buf``; return how many bytes were used.
 
-        When the request is complete ``complete`` is True. Raises ``HttpError`` for a request the core
+        When the request is complete ``complete`` is True. Raises ``HttpError`` for a request the
+        core
         must refuse.
         """
         used = 0
@@ -269,7 +271,7 @@ class RequestReader:
             self._mem += data
             return
         if self._file is None:
-            self._file = tempfile.TemporaryFile(dir=self._spool_dir)
+            self._file = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115 (lives with the request)
             self._file.write(self._mem)
             self._mem = bytearray()
         self._file.write(data)

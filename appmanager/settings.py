@@ -1,9 +1,9 @@
 """The one declaration of every appmanager setting.
 
 Each setting is declared once here, as a frozen dataclass in ``SETTINGS``. The CLI options, the
-validation of values, and ``docs/settings.md`` are all derived from this list; later the config files and
-the nginx and Apache directive tables come from it too. Nothing else in the code base spells a setting's
-default, type or documentation.
+validation of values, and ``docs/settings.md`` are all derived from this list; later the config
+files and the nginx and Apache directive tables come from it too. Nothing else in the code base
+spells a setting's default, type or documentation.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class Setting:
 
     ``name`` is the canonical snake_case name (``max_pool_size``); the CLI option is
     ``--max-pool-size``. ``type`` is one of ``str``, ``int``, ``float``, ``bool`` or ``path``.
-    ``choices`` restricts a ``str`` setting. ``cli`` is False for settings that only a config file or
+    ``choices`` restricts a ``str`` setting. ``cli`` is False for settings that only a config file
+    or
     connector may give.
     """
 
@@ -200,7 +201,8 @@ SETTINGS: tuple[Setting, ...] = (
         "int",
         1,
         Scope.APP,
-        "Processes of the app kept running even when idle; started before the server reports ready.",
+        "Processes of the app kept running even when idle; started before the server reports "
+        "ready.",
         validator=_at_least(0),
         metavar="N",
     ),

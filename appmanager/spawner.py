@@ -118,14 +118,14 @@ async def spawn(group: Group) -> Process:
         ) from None
     except OSError as exc:
         proc.abandon()
-        raise SpawnError("PREPARE", f"control channel failed: {exc}", output=output.text()) from None
+        raise SpawnError(
+            "PREPARE", f"control channel failed: {exc}", output=output.text()
+        ) from None
     if reply is None:
         # Exited before answering; give the pipe a moment so the output is complete.
         await asyncio.sleep(0.05)
         proc.abandon()
-        raise SpawnError(
-            "PREPARE", "the process exited before it was ready", output=output.text()
-        )
+        raise SpawnError("PREPARE", "the process exited before it was ready", output=output.text())
     kind, _, payload = reply.partition(b" ")
     info = json.loads(payload or b"{}")
     if kind == b"READY":

@@ -127,9 +127,7 @@ def connect(port: int, timeout: float = 15.0) -> socket.socket:
     return sock
 
 
-def request(
-    port: int, raw: bytes, *, timeout: float = 15.0, head_only: bool = False
-) -> Response:
+def request(port: int, raw: bytes, *, timeout: float = 15.0, head_only: bool = False) -> Response:
     """Send raw request bytes on a new connection and read one response."""
     with connect(port, timeout) as sock:
         sock.sendall(raw)

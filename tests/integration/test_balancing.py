@@ -52,9 +52,12 @@ def test_pool_never_exceeds_max_pool_size(server_factory) -> None:
 def test_full_wait_list_answers_503_at_once(server_factory) -> None:
     server = server_factory(
         APPS / "wsgi_echo",
-        "--min-instances", "1",
-        "--max-pool-size", "1",
-        "--max-request-queue-size", "1",
+        "--min-instances",
+        "1",
+        "--max-pool-size",
+        "1",
+        "--max-request-queue-size",
+        "1",
     )
     results: dict[str, object] = {}
 

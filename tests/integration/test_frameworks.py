@@ -13,9 +13,13 @@ from conftest import APPS, HttpReader, connect, get, request
 def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
-        f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -86,7 +90,9 @@ def test_django_project_is_detected_and_served(server_factory) -> None:
     assert info["host"] == "localhost"
     assert info["remote_addr"] == "127.0.0.1"
     assert info["secure"] is False
-    resp = post(server.port, "/form/", b"name=appmanager&lang=py", "application/x-www-form-urlencoded")
+    resp = post(
+        server.port, "/form/", b"name=appmanager&lang=py", "application/x-www-form-urlencoded"
+    )
     assert json.loads(resp.body) == {"fields": {"name": "appmanager", "lang": "py"}, "files": []}
     data = os.urandom(2 * 1024 * 1024)
     body, ctype = multipart("file", "f.bin", data)

@@ -25,9 +25,10 @@ def test_keep_alive_reuses_the_connection(server_factory) -> None:
 
 def test_pipelined_requests_answered_in_order(server_factory) -> None:
     server = server_factory(APPS / "wsgi_echo", "--min-instances", "2")
-    raw = b"".join(
-        f"GET /p{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode() for i in range(10)
-    ) + b"POST /last HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nbody"
+    raw = (
+        b"".join(f"GET /p{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode() for i in range(10))
+        + b"POST /last HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nbody"
+    )
     with connect(server.port) as sock:
         sock.sendall(raw)
         reader = HttpReader(sock)
@@ -91,7 +92,9 @@ def test_content_length_upload_of_10_mb(server_factory) -> None:
     raw = b"PUT /big HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     resp = request(server.port, raw, timeout=60)
     environ = json.loads(resp.body)
-    assert hashlib.sha256(environ["body"].encode("latin-1")).digest() == hashlib.sha256(body).digest()
+    assert (
+        hashlib.sha256(environ["body"].encode("latin-1")).digest() == hashlib.sha256(body).digest()
+    )
 
 
 def test_header_section_over_8_kib_is_431(server_factory) -> None:
@@ -132,7 +135,12 @@ def test_http10_keep_alive(server_factory) -> None:
             sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
             resp = reader.read()
             assert resp.status == 200
-            assert resp.header("Connection", ).lower() == "keep-alive"
+            assert (
+                resp.header(
+                    "Connection",
+                ).lower()
+                == "keep-alive"
+            )
 
 
 def test_connection_close_is_honoured(server_factory) -> None:
@@ -152,5 +160,7 @@ def test_unix_socket_and_tcp_share_processes(server_factory, tmp_path: Path) -> 
         s.connect(str(path))
         s.sendall(b"GET /app/pid HTTP/1.1\r\nHost: t\r\n\r\n")
         pid_unix = HttpReader(s).read().body
-    pid_tcp = request(server.port, b"GET /app/pid HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").body
+    pid_tcp = request(
+        server.port, b"GET /app/pid HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    ).body
     assert pid_unix == pid_tcp

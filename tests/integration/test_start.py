@@ -12,10 +12,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import APPS, ROOT, free_port, get, start_server
+from conftest import APPS, ROOT, free_port, get
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "appmanager", *args],
         capture_output=True,
@@ -27,8 +29,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 30) -> subproc
 
 def test_serves_the_bundled_example_with_a_banner(server_factory) -> None:
     server = server_factory(ROOT / "examples" / "hello")
-    for expected in ("app root:", "app type:     wsgi (passenger_wsgi.py)", "environment:  production",
-                     server.url, f"pid:          {server.proc.pid}", "log file:"):
+    for expected in (
+        "app root:",
+        "app type:     wsgi (passenger_wsgi.py)",
+        "environment:  production",
+        server.url,
+        f"pid:          {server.proc.pid}",
+        "log file:",
+    ):
         assert expected in server.banner
     resp = get(server.port, "/?name=tests")
     assert resp.status == 200
@@ -38,8 +46,16 @@ def test_serves_the_bundled_example_with_a_banner(server_factory) -> None:
 def test_serves_the_current_directory_by_default(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appmanager", "start", "--port", str(port),
-         "--instance-dir", str(tmp_path / "inst")],
+        [
+            sys.executable,
+            "-m",
+            "appmanager",
+            "start",
+            "--port",
+            str(port),
+            "--instance-dir",
+            str(tmp_path / "inst"),
+        ],
         cwd=ROOT / "examples" / "hello",
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -174,9 +190,17 @@ def test_daemonize_with_pid_file(tmp_path: Path) -> None:
     pid_file = tmp_path / "am.pid"
     log_file = tmp_path / "am.log"
     result = run_cli(
-        "start", str(ROOT / "examples" / "hello"), "--port", str(port), "--daemonize",
-        "--pid-file", str(pid_file), "--log-file", str(log_file),
-        "--instance-dir", str(tmp_path / "inst"),
+        "start",
+        str(ROOT / "examples" / "hello"),
+        "--port",
+        str(port),
+        "--daemonize",
+        "--pid-file",
+        str(pid_file),
+        "--log-file",
+        str(log_file),
+        "--instance-dir",
+        str(tmp_path / "inst"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Serving" in result.stdout

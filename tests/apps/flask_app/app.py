@@ -1,4 +1,5 @@
-"""A real Flask app for the integration tests: JSON, forms, uploads, streaming, sleeps and crashes."""
+"""A real Flask app for the integration tests: JSON, forms, uploads, streaming, sleeps and
+crashes."""
 
 import hashlib
 import os

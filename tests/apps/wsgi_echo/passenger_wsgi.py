@@ -74,11 +74,15 @@ def application(environ, start_response):
         return []
     body = environ["wsgi.input"].read()
     keys = {
-        k: v for k, v in environ.items() if isinstance(v, (str, int, bool, tuple)) and k != "wsgi.version"
+        k: v
+        for k, v in environ.items()
+        if isinstance(v, (str, int, bool, tuple)) and k != "wsgi.version"
     }
     keys["wsgi.version"] = list(environ["wsgi.version"])
     keys["body"] = body.decode("latin-1")
     keys["pid"] = os.getpid()
     out = json.dumps(keys).encode()
-    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(out)))])
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(out)))]
+    )
     return [out]
