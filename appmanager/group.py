@@ -56,7 +56,8 @@ class Group:
 
     def live_count(self) -> int:
         """Processes that count against the pool: spawning, ready and stopping ones."""
-        return self.spawning + sum(1 for p in self.processes if p.state is not ProcessState.EXITED)
+        # Every process in ``processes`` is alive: it is removed when reaped.
+        return self.spawning + len(self.processes)
 
     def ready_count(self) -> int:
         return sum(1 for p in self.processes if p.state is ProcessState.READY)
@@ -127,9 +128,10 @@ class Group:
 
     def _grow(self) -> None:
         """Every process is busy: start one more if the pool has room and none is starting."""
-        if self.pool.stopping or self.spawning or time.monotonic() < self.next_spawn_at:
+        # Cheapest tests first: this runs for every request that finds all processes busy.
+        if self.spawning or self.pool.stopping or not self.pool.has_room():
             return
-        if self.pool.has_room():
+        if time.monotonic() >= self.next_spawn_at:
             self._spawn()
 
     def _spawn(self) -> None:

@@ -162,29 +162,30 @@ class Process:
         return True
 
     def _on_control(self) -> None:
-        while True:
-            try:
-                msg = self.ctl.recv(256)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                msg = b""
-            if not msg:
-                self._lost_channel()
-                return
-            if msg[0:2] == b"D ":
-                _, seq_text, keep = msg.split(b" ", 2)
-                session = self.sessions.pop(int(seq_text), None)
-                if session is None:
-                    log.error("process %d reported unknown request %s", self.pid, seq_text)
-                    continue
-                self.processed += 1
-                self.last_used = time.monotonic()
-                self.group.on_session_done(self, session, keep.startswith(b"k"))
-                if self.state is ProcessState.STOPPING and not self.sessions:
-                    self._close_channel()
-            else:
-                log.error("process %d sent an unknown message %r", self.pid, msg[:40])
+        # One message per wake-up: the loop is level-triggered and calls again while more are
+        # queued, and reading until EAGAIN would cost an extra syscall on every request.
+        try:
+            msg = self.ctl.recv(256)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            msg = b""
+        if not msg:
+            self._lost_channel()
+            return
+        if msg[0:2] != b"D ":
+            log.error("process %d sent an unknown message %r", self.pid, msg[:40])
+            return
+        _, seq_text, keep = msg.split(b" ", 2)
+        session = self.sessions.pop(int(seq_text), None)
+        if session is None:
+            log.error("process %d reported unknown request %s", self.pid, seq_text)
+            return
+        self.processed += 1
+        self.last_used = time.monotonic()
+        self.group.on_session_done(self, session, keep.startswith(b"k"))
+        if self.state is ProcessState.STOPPING and not self.sessions:
+            self._close_channel()
 
     # -- death -----------------------------------------------------------------------------------
 
