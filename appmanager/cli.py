@@ -10,7 +10,6 @@ from typing import Any
 import click
 
 from appmanager import __version__, settings
-from appmanager.detect import DetectError, detect
 
 
 def _fail(message: str) -> None:
@@ -28,7 +27,15 @@ def _setting_options(func: Callable[..., Any]) -> Callable[..., Any]:
         if setting.short:
             names.append(setting.short)
         default_text = "" if setting.default is None else f" [default: {_show(setting.default)}]"
-        if setting.type == "bool":
+        if setting.type in ("list", "env"):
+            option = click.option(
+                *names,
+                setting.name,
+                multiple=True,
+                metavar=setting.metavar or "VALUE",
+                help=setting.doc + " (repeatable)",
+            )
+        elif setting.type == "bool":
             option = click.option(
                 *names,
                 setting.name,
@@ -65,26 +72,31 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("app_dir", required=False, default=".", type=click.Path(file_okay=False))
+@click.argument("app_dir", required=False, default=None, type=click.Path(file_okay=False))
 @_setting_options
-def start(app_dir: str, **raw: Any) -> None:
-    """Serve the app in APP_DIR (default: the current directory)."""
+def start(app_dir: str | None, **raw: Any) -> None:
+    """Serve the app in APP_DIR (default: the current directory).
+
+    APP_DIR may also hold several apps, one per subdirectory: each is served at the Host named
+    after its directory (mass deployment). With --config, the apps come from an appmanager.toml.
+    """
+    from appmanager.config import ConfigError, build
+
     try:
-        values = settings.parse_all(raw)
+        plan = build(app_dir, raw)
     except settings.SettingError as exc:
         _fail(str(exc))
-    try:
-        spec = detect(app_dir, values["app_type"], values["startup_file"])
-    except DetectError as exc:
+    except ConfigError as exc:
         _fail(str(exc))
     from appmanager.core import Core, StartError, configure_logging
 
+    values = plan.settings
     if values["daemonize"] and not values["log_file"]:
-        log_dir = os.path.join(spec.root, "log")
-        base = log_dir if os.path.isdir(log_dir) else spec.root
+        first = plan.apps[0].spec.root
+        log_dir = os.path.join(first, "log")
+        base = log_dir if os.path.isdir(log_dir) else first
         values["log_file"] = os.path.join(base, f"appmanager.{values['port']}.log")
-    name = os.path.basename(spec.root.rstrip("/")) or "app"
-    core = Core(values, [(name, spec)])
+    core = Core(plan)
     try:
         core.open()
     except StartError as exc:

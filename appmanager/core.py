@@ -20,7 +20,7 @@ import time
 from typing import Any, TextIO
 
 from appmanager import __version__
-from appmanager.detect import AppSpec
+from appmanager.config import Plan
 from appmanager.front import Connection, Listener, listen_tcp, listen_unix
 from appmanager.group import Group
 from appmanager.pool import Pool
@@ -92,11 +92,12 @@ def _core_alive(state_path: str) -> bool:
 class Core:
     """The appmanager core process; see the module docstring for its lifetime."""
 
-    def __init__(self, settings: dict[str, Any], apps: list[tuple[str, AppSpec]]) -> None:
-        self.settings = settings
-        self.apps = apps
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.settings = plan.settings
+        self.apps = plan.apps
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self.pool = Pool(settings)
+        self.pool = Pool(plan.settings)
         self.connections: set[Connection] = set()
         self.listeners: list[Listener] = []
         self.stopping = False
@@ -149,8 +150,8 @@ class Core:
         if self._unix is not None:
             self.listeners.append(Listener(self, self._unix, self.settings["socket"]))
         self.pool.changed = self._changed.set
-        for name, spec in self.apps:
-            self.pool.add_group(Group(self.pool, name, spec, dict(self.settings)))
+        for app in self.apps:
+            self.pool.add_group(Group(self.pool, app))
         self.pool.start()
         await self._wait_for_min_instances()
         self._schedule_sweep()
@@ -162,7 +163,7 @@ class Core:
                 "url": self.url,
                 "socket": self.settings["socket"],
                 "started_at": self.started_at,
-                "apps": [spec.root for _, spec in self.apps],
+                "apps": [app.spec.root for app in self.apps],
             }
         )
         if banner is not None:
@@ -188,12 +189,19 @@ class Core:
 
     def _print_banner(self, out: TextIO) -> None:
         lines = [f"appmanager {__version__}"]
-        for name, spec in self.apps:
-            group = next(g for g in self.pool.groups if g.name == name)
+        for group in self.pool.groups:
+            spec = group.spec
+            if len(self.pool.groups) > 1:
+                lines.append(f"  app {group.name}:")
             lines.append(f"  app root:     {spec.root}")
-            startup = os.path.relpath(spec.startup_file, spec.root)
-            lines.append(f"  app type:     {spec.app_type} ({startup})")
+            startup = os.path.relpath(spec.startup_file, spec.root) if spec.startup_file else ""
+            what = startup or spec.command
+            lines.append(f"  app type:     {group.app_type} ({what})")
             lines.append(f"  environment:  {group.settings['environment']}")
+            if group.server_names:
+                lines.append(f"  server names: {', '.join(group.server_names)}")
+            if group.base_uri:
+                lines.append(f"  base uri:     {group.base_uri}")
             if group.boot_error is not None:
                 lines.append(f"  status:       failed to start: {group.boot_error}")
         lines.append(f"  url:          {self.url}")

@@ -7,16 +7,31 @@ Group of that app.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 from dataclasses import dataclass
 
-# What `appmanager start` looks for, in order; the error message lists the same names.
-WSGI_CANDIDATES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("passenger_wsgi.py", ("application",)),
-    ("wsgi.py", ("application", "app")),
-    ("app.py", ("application", "app")),
+# What `appmanager start` looks for, in order: (file, app type, callables). The error message lists
+# the same names. Python files get the type "python": the shim tells WSGI from ASGI itself.
+CANDIDATES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("passenger_wsgi.py", "python", ("application",)),
+    ("config.ru", "rack", ()),
+    ("wsgi.py", "python", ("application", "app")),
+    ("asgi.py", "python", ("application", "app")),
+    ("app.py", "python", ("application", "app")),
+    ("main.py", "python", ("app", "application")),
+    ("app.js", "node", ()),
+    ("server.js", "node", ()),
 )
+PYTHON_TYPES = ("python", "wsgi", "asgi")
+# What --app-type accepts, and which detected types each admits.
+TYPE_FAMILY = {
+    "wsgi": PYTHON_TYPES,
+    "asgi": PYTHON_TYPES,
+    "rack": ("rack",),
+    "node": ("node",),
+}
 
 
 class DetectError(Exception):
@@ -26,35 +41,87 @@ class DetectError(Exception):
 
 @dataclass(frozen=True)
 class AppSpec:
-    """What the spawner needs to start an app: where it is and how to load it."""
+    """What the spawner needs to start an app: where it is and how to load it.
+
+    ``app_type`` is ``python`` (WSGI or ASGI, the shim decides), ``wsgi``, ``asgi``, ``rack``,
+    ``node`` or ``generic``; ``startup_file`` is empty for a generic app, which runs ``command``.
+    """
 
     root: str
     app_type: str
     startup_file: str
-    callables: tuple[str, ...]
+    callables: tuple[str, ...] = ()
+    command: str = ""
+
+    @property
+    def language(self) -> str:
+        if self.app_type in PYTHON_TYPES:
+            return "python"
+        return {"rack": "ruby", "node": "node"}.get(self.app_type, "generic")
 
 
-def detect(root: str, app_type: str | None = None, startup_file: str | None = None) -> AppSpec:
-    """Find the app under ``root``; ``app_type`` and ``startup_file`` override detection."""
+def detect(
+    root: str,
+    app_type: str | None = None,
+    startup_file: str | None = None,
+    command: str | None = None,
+) -> AppSpec:
+    """Find the app under ``root``; ``app_type``, ``startup_file`` and ``command`` override."""
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise DetectError(f"app root {root} is not a directory")
+    if command or app_type == "generic":
+        if not command:
+            raise DetectError("app type generic needs --app-start-command")
+        return AppSpec(root, "generic", "", (), command)
     if startup_file is not None:
         path = os.path.join(root, startup_file)
         if not os.path.isfile(path):
             raise DetectError(f"startup file {startup_file} not found in {root}")
-        return AppSpec(root, app_type or "wsgi", path, ("application", "app"))
-    for name, callables in WSGI_CANDIDATES:
+        kind = app_type or _type_of_file(path)
+        return AppSpec(root, kind, path, ("application", "app"))
+    allowed = TYPE_FAMILY.get(app_type or "")
+    for name, kind, callables in CANDIDATES:
         path = os.path.join(root, name)
-        if os.path.isfile(path):
-            return AppSpec(root, app_type or "wsgi", path, callables)
-    django = _detect_django(root)
-    if django is not None:
-        return AppSpec(root, app_type or "wsgi", django[0], (django[1],))
-    looked_for = ", ".join(name for name, _ in WSGI_CANDIDATES)
+        if os.path.isfile(path) and (allowed is None or kind in allowed):
+            return AppSpec(root, app_type or kind, path, callables)
+    if allowed is None or "node" in allowed:
+        main = _package_json_main(root)
+        if main is not None:
+            return AppSpec(root, "node", main)
+    if allowed is None or "python" in allowed:
+        django = _detect_django(root)
+        if django is not None:
+            return AppSpec(root, app_type or "python", django[0], (django[1],))
+    looked_for = ", ".join(name for name, _, _ in CANDIDATES)
     raise DetectError(
-        f"no app found in {root}: looked for {looked_for} and a Django project (manage.py)"
+        f"no app found in {root}: looked for {looked_for}, package.json (main) and a Django "
+        "project (manage.py)"
     )
+
+
+def _type_of_file(path: str) -> str:
+    if path.endswith(".ru"):
+        return "rack"
+    if path.endswith((".js", ".mjs", ".cjs")):
+        return "node"
+    return "python"
+
+
+def _package_json_main(root: str) -> str | None:
+    path = os.path.join(root, "package.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            main = json.load(f).get("main") or "index.js"
+    except (ValueError, AttributeError) as exc:
+        raise DetectError(f"{path} is not valid JSON: {exc}") from None
+    candidate = os.path.join(root, str(main))
+    for attempt in (candidate, candidate + ".js", os.path.join(candidate, "index.js")):
+        if os.path.isfile(attempt):
+            return attempt
+    return None
 
 
 def _detect_django(root: str) -> tuple[str, str] | None:

@@ -48,6 +48,8 @@ class Connection:
         "reader",
         "busy",
         "waiting",
+        "group",
+        "handed",
         "eof",
         "closed",
         "lingering",
@@ -68,6 +70,8 @@ class Connection:
         self.reader: RequestReader | None = None
         self.busy = False
         self.waiting: Group | None = None
+        self.group: Group | None = None
+        self.handed = False
         self.eof = False
         self.closed = False
         self.lingering = 0.0
@@ -107,7 +111,15 @@ class Connection:
             if reader is None:
                 reader = self.reader = RequestReader(self.core.spool_dir)
             try:
-                used = reader.feed(self.buf)
+                if reader.request is None:
+                    used = reader.read_head(self.buf)
+                    if used:
+                        del self.buf[:used]
+                    if reader.request is None:
+                        return
+                    if not self._route(reader):
+                        return
+                used = reader.read_body(self.buf)
             except HttpError as exc:
                 reader.close()
                 self.reader = None
@@ -123,7 +135,42 @@ class Connection:
                 return
             self.reader = None
             self.busy = True
-            self.core.pool.route(self, reader.finish())
+            group = self.group
+            assert group is not None
+            group.dispatch(self, reader.finish())
+
+    def _route(self, reader: RequestReader) -> bool:
+        """The head is in: find the app. False when the request was answered (no app) or the
+        whole connection went to a process that takes connections (Node)."""
+        request = reader.request
+        assert request is not None
+        group = self.core.pool.find_group(request)
+        if group is None:
+            reader.close()
+            self.reader = None
+            # The body, if any, was not read: close rather than parse it as a next request.
+            self.respond(
+                errors.simple_response(404, "no app is configured for this host and path"),
+                close=reader.has_body,
+            )
+            return False
+        self.group = group
+        if group.per_connection:
+            # Hand over the raw bytes as the client sent them, and the connection with them.
+            reader.close()
+            self.reader = None
+            data = request.head + bytes(self.buf)
+            self.buf.clear()
+            self.busy = True
+            group.dispatch_connection(self, data)
+            return False
+        return True
+
+    def give_away(self) -> None:
+        """A process now reads this connection itself (upgrade, or a Node process): stop
+        reading it; the core keeps its descriptor until the process is done with it."""
+        self.handed = True
+        self._loop.remove_reader(self.fd)
 
     def _on_eof(self) -> None:
         self.eof = True
@@ -142,6 +189,10 @@ class Connection:
         """The process finished the current request (``D`` message)."""
         self.busy = False
         self.last_active = time.monotonic()
+        if self.handed:
+            # The process read from the connection itself: nothing here is in sync any more.
+            self._close_now()
+            return
         if not keep or self.eof or self.core.stopping:
             self.close()
             return
@@ -155,7 +206,7 @@ class Connection:
         """The process serving this connection died mid-request."""
         self.busy = False
         if response_started:
-            self.close()
+            self._close_now() if self.handed else self.close()
         else:
             self.respond(errors.simple_response(502, "the app process died"), close=True)
 

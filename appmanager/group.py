@@ -6,10 +6,11 @@ import asyncio
 import collections
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from appmanager import balancer, errors, spawner
-from appmanager.detect import AppSpec
+from appmanager.config import AppConfig
+from appmanager.process_node import NodeProcess
 from appmanager.spawnerror import SpawnError
 from appmanager.states import ProcessState
 
@@ -36,19 +37,39 @@ class Group:
     that is not 0).
     """
 
-    def __init__(self, pool: Pool, name: str, spec: AppSpec, settings: dict[str, Any]) -> None:
+    def __init__(self, pool: Pool, app: AppConfig) -> None:
         self.pool = pool
-        self.name = name
-        self.spec = spec
-        self.settings = settings
+        self.name = app.name
+        self.spec = app.spec
+        self.settings = app.settings
+        self.server_names = tuple(n.lower() for n in app.server_names)
+        self.host_names = frozenset(n.encode("idna") for n in self.server_names)
+        self.base_uri = app.base_uri
+        self._base = app.base_uri.encode()
+        # The type the app's shim reported (a Python app becomes wsgi or asgi once it booted).
+        self.app_type = app.spec.app_type
+        # Node apps take whole connections; every other type takes one request at a time.
+        self.per_connection = app.spec.app_type == "node"
         self.processes: list[Process] = []
         self.spawning = 0
-        self.wait_list: collections.deque[tuple[Connection, Request]] = collections.deque()
+        # Waiting requests; for an app that takes whole connections (Node), the bytes read so far.
+        self.wait_list: collections.deque[tuple[Connection, Request | bytes]] = collections.deque()
         self.boot_error: SpawnError | None = None
         self.failures = 0
         self.next_spawn_at = 0.0
         self._retry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def matches(self, host: bytes, path: bytes) -> bool:
+        """Does a request for ``host`` (lowercase, no port) and ``path`` belong to this app?"""
+        if self.host_names and host not in self.host_names:
+            return False
+        if self._base:
+            if not path.startswith(self._base):
+                return False
+            rest = path[len(self._base) : len(self._base) + 1]
+            return rest in (b"", b"/", b"?")
+        return True
 
     @property
     def development(self) -> bool:
@@ -64,13 +85,14 @@ class Group:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def dispatch(self, conn: Connection, request: Request) -> None:
-        """Hand ``request`` to the least-busy process, or put it in the wait-list."""
+    def dispatch(self, conn: Connection, request: Request | bytes) -> None:
+        """Hand ``request`` to the least-busy process, or put it in the wait-list. For an app that
+        takes whole connections, ``request`` is the bytes read so far from the connection."""
         while True:
             proc = balancer.least_busy(self.processes)
             if proc is None:
                 break
-            if proc.handoff(conn, request, self.pool.keep_alive(request)):
+            if self._hand(proc, conn, request):
                 return
         if (
             self.boot_error is not None
@@ -79,35 +101,46 @@ class Group:
             and time.monotonic() < self.next_spawn_at
         ):
             # Still backing off after a failed boot: answer with the error instead of waiting.
+            _discard(request)
             self._answer_boot_error(conn)
             return
         self._grow()
         limit = self.settings["max_request_queue_size"]
         if limit and len(self.wait_list) >= limit:
             log.warning("app %s: request queue full (%d), answering 503", self.name, limit)
+            _discard(request)
             conn.respond(errors.simple_response(503, "request queue full", close=False))
             return
         self.wait_list.append((conn, request))
         conn.waiting = self
+
+    dispatch_connection = dispatch
+
+    def _hand(self, proc: Process, conn: Connection, request: Request | bytes) -> bool:
+        if isinstance(request, bytes):
+            assert isinstance(proc, NodeProcess)
+            return proc.handoff_connection(conn, request)
+        return proc.handoff(conn, request, self.pool.keep_alive(request))
 
     def cancel_wait(self, conn: Connection) -> None:
         """The client of a waiting request went away."""
         for i, (waiting, request) in enumerate(self.wait_list):
             if waiting is conn:
                 del self.wait_list[i]
-                request.discard()
+                _discard(request)
                 return
 
     def on_session_done(self, proc: Process, session: Session, keep: bool) -> None:
         """A process finished a request: serve the wait-list first, then the connection's next."""
-        self._serve_waiting(proc)
+        self.serve_waiting(proc)
         session.conn.on_response_done(keep)
 
-    def _serve_waiting(self, proc: Process) -> None:
+    def serve_waiting(self, proc: Process) -> None:
+        """Give waiting requests to ``proc`` while it has room."""
         while self.wait_list and proc.can_take():
             conn, request = self.wait_list.popleft()
             conn.waiting = None
-            if not proc.handoff(conn, request, self.pool.keep_alive(request)):
+            if not self._hand(proc, conn, request):
                 self.wait_list.appendleft((conn, request))
                 conn.waiting = self
                 return
@@ -164,7 +197,7 @@ class Group:
         self.processes.append(proc)
         proc.start_serving()
         self.pool.on_process_ready(self)
-        self._serve_waiting(proc)
+        self.serve_waiting(proc)
         if self.wait_list:
             self._grow()
 
@@ -187,7 +220,7 @@ class Group:
             self.wait_list.clear()
             for conn, request in waiting:
                 conn.waiting = None
-                request.discard()
+                _discard(request)
                 self._answer_boot_error(conn)
         self.pool.on_spawn_failed(self)
         if not self.pool.stopping and self._retry is None:
@@ -230,7 +263,11 @@ class Group:
             proc.stop()
 
     def busy(self) -> bool:
-        return bool(self.wait_list) or any(p.sessions for p in self.processes)
+        """Are requests waiting or in flight? (Connections a Node process holds between requests
+        do not count: its shim closes them when it stops.)"""
+        if self.wait_list:
+            return True
+        return not self.per_connection and any(p.sessions for p in self.processes)
 
     def verify_invariants(self) -> None:
         limit = self.settings["max_request_queue_size"]
@@ -240,3 +277,8 @@ class Group:
         for proc in self.processes:
             assert proc.group is self
             proc.verify_invariants()
+
+
+def _discard(request: Request | bytes) -> None:
+    if not isinstance(request, bytes):
+        request.discard()

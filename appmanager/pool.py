@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 from appmanager.group import Group
 
 if TYPE_CHECKING:
-    from appmanager.front import Connection
     from appmanager.request import Request
 
 log = logging.getLogger("appmanager")
@@ -25,16 +24,39 @@ class Pool:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.max_pool_size: int = settings["max_pool_size"]
         self.groups: list[Group] = []
+        self._single: Group | None = None
         self.stopping = False
         # Called whenever processes become ready, fail to start or exit; the core waits on it.
         self.changed: Callable[[], None] = lambda: None
 
     def add_group(self, group: Group) -> None:
         self.groups.append(group)
+        # One app with neither server names nor a base URI takes every request, unrouted.
+        only = self.groups[0]
+        simple = len(self.groups) == 1 and not only.host_names and not only.base_uri
+        self._single = only if simple else None
 
-    def route(self, conn: Connection, request: Request) -> None:
-        """Send ``request`` to its app."""
-        self.groups[0].dispatch(conn, request)
+    def find_group(self, request: Request) -> Group | None:
+        """The app a request is for: the most specific match of Host (server_names) and path
+        (base_uri); None when no app matches."""
+        if self._single is not None:
+            return self._single
+        host = _host_name(request.host)
+        path = request.path
+        if path.startswith((b"http://", b"https://")):
+            # absolute-form request target: the path starts after the authority
+            slash = path.find(b"/", path.find(b"//") + 2)
+            path = path[slash:] if slash >= 0 else b"/"
+        best: Group | None = None
+        for group in self.groups:
+            if not group.matches(host, path):
+                continue
+            if best is None or (bool(group.host_names), len(group.base_uri)) > (
+                bool(best.host_names),
+                len(best.base_uri),
+            ):
+                best = group
+        return best
 
     def keep_alive(self, request: Request) -> bool:
         """May the connection stay open after this request's response?"""
@@ -80,3 +102,12 @@ class Pool:
         assert self.process_count() <= self.max_pool_size or self.stopping
         for group in self.groups:
             group.verify_invariants()
+
+
+def _host_name(host: bytes) -> bytes:
+    """The Host header's name, lowercase, without the port (IPv6 literals keep their brackets)."""
+    host = host.strip().lower()
+    if host.startswith(b"["):
+        end = host.find(b"]")
+        return host[: end + 1] if end > 0 else host
+    return host.split(b":", 1)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -93,12 +94,15 @@ class Process:
         if not self.sessions:
             self._close_channel()
 
-    def _close_channel(self) -> None:
-        """Close the control channel: EOF tells the shim to exit; TERM, then KILL, follow if
-        it does not."""
+    def _close_control(self) -> None:
         if self.ctl.fileno() >= 0:
             self._loop.remove_reader(self.ctl.fileno())
             self.ctl.close()
+
+    def _close_channel(self) -> None:
+        """Close the control channel: EOF tells the shim to exit; TERM, then KILL, follow if
+        it does not."""
+        self._close_control()
         if self._kill_timer is None and self.state is not ProcessState.EXITED:
             self._kill_timer = self._loop.call_later(STOP_GRACE, self._terminate)
 
@@ -138,6 +142,8 @@ class Process:
         seq = self.seq
         bfd = body_fd(request)
         flags = b"K" if keep_alive else b""
+        if request.upgrade:
+            flags += b"U"
         if bfd is None:
             ancillary = conn.ancillary
         else:
@@ -159,6 +165,8 @@ class Process:
         finally:
             request.discard()
         self.sessions[seq] = Session(seq, conn, self)
+        if request.upgrade:
+            conn.give_away()  # the process reads the connection now (a WebSocket, say)
         return True
 
     def _on_control(self) -> None:
@@ -194,18 +202,20 @@ class Process:
         if self._lost:
             return
         self._lost = True
-        if self.ctl.fileno() >= 0:
-            self._loop.remove_reader(self.ctl.fileno())
-            self.ctl.close()
+        self._close_control()
         if self.state is ProcessState.READY:
             log.warning("process %d of app %s died unexpectedly", self.pid, self.group.name)
             transition(self, ProcessState.STOPPING)  # READY -> STOPPING: it takes no more requests
-        started = self._started_seq()
         sessions = list(self.sessions.values())
         self.sessions.clear()
+        self._answer_lost(sessions)
+        self.group.on_process_lost(self, had_sessions=bool(sessions))
+
+    def _answer_lost(self, sessions: list[Session]) -> None:
+        """Answer the requests a dead process held: 502 where its response had not begun."""
+        started = self._started_seq()
         for session in sessions:
             session.conn.on_process_lost(response_started=session.seq == started)
-        self.group.on_process_lost(self, had_sessions=bool(sessions))
 
     def _started_seq(self) -> int:
         try:
@@ -233,8 +243,15 @@ class Process:
             f"signal {-self.exit_status}" if self.exit_status < 0 else f"status {self.exit_status}"
         )
         log.info("process %d exited with %s", self.pid, how)
-        os.close(self.progress_fd)
+        if self.progress_fd >= 0:
+            os.close(self.progress_fd)
         self.group.on_process_exited(self)
+
+    def exited(self) -> bool:
+        """Has the OS process exited (whether or not it was reaped yet)?"""
+        # A pidfd becomes readable when its process exits; reaping is left to _on_exit.
+        readable, _, _ = select.select([self.pidfd], [], [], 0)
+        return bool(readable)
 
     def verify_invariants(self) -> None:
         if self.state not in (ProcessState.READY, ProcessState.STOPPING):

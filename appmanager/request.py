@@ -47,6 +47,7 @@ class Request:
     body_file: IO[bytes] | None = None
     body_len: int = 0
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    upgrade: bool = False
 
     def discard(self) -> None:
         """Release the body file, if any (the process has its own descriptor by then)."""
@@ -124,9 +125,14 @@ class RequestReader:
         """
         used = 0
         if self.request is None:
-            used = self._read_head(buf)
+            used = self.read_head(buf)
             if self.request is None:
                 return used
+        return used + self.read_body(buf, used)
+
+    def read_body(self, buf: bytearray, used: int = 0) -> int:
+        """Consume body bytes from ``buf`` starting at ``used``; return how many were used."""
+        start = used
         if self._chunked:
             used += self._read_chunked(buf, used)
         elif self._received < self._length:
@@ -134,7 +140,12 @@ class RequestReader:
             if take:
                 self._store(memoryview(buf)[used : used + take])
                 used += take
-        return used
+        return used - start
+
+    @property
+    def has_body(self) -> bool:
+        """Does the request announce a body (chunked, or a Content-Length above 0)?"""
+        return self._chunked or self._length > 0
 
     @property
     def complete(self) -> bool:
@@ -162,7 +173,9 @@ class RequestReader:
             self._file.close()
             self._file = None
 
-    def _read_head(self, buf: bytearray) -> int:
+    def read_head(self, buf: bytearray) -> int:
+        """Parse the head if ``buf`` holds all of it; return how many bytes it used (0 when more
+        are needed, or only the empty lines before a request line)."""
         start = 0
         # RFC 9112 2.2: ignore empty lines before a request line (some clients send them
         # after a POST body).
@@ -177,10 +190,11 @@ class RequestReader:
         head = bytes(buf[start:end])
         callbacks = _HeadCallbacks()
         parser = httptools.HttpRequestParser(callbacks)
+        upgrade = False
         try:
             parser.feed_data(head)
         except httptools.HttpParserUpgrade:
-            pass
+            upgrade = True
         except httptools.HttpParserError as exc:
             self._check_framing(callbacks)
             raise HttpError(400, f"malformed request: {exc}") from None
@@ -200,6 +214,7 @@ class RequestReader:
             keep_alive=keep_alive,
             http11=http11,
             headers=callbacks.headers,
+            upgrade=upgrade,
         )
         if callbacks.transfer_encoding:
             self._chunked = True

@@ -81,6 +81,7 @@ class Setting:
     short: str | None = None
     cli: bool = True
     metavar: str | None = None
+    file: bool = True
     aliases: tuple[str, ...] = field(default=())
 
     @property
@@ -129,8 +130,42 @@ def _convert(kind: str, raw: Any) -> Any:
             return False
         raise ValueError(f"must be on or off, got {raw!r}")
     if kind in ("str", "path"):
+        if not isinstance(raw, str | int | float):
+            raise ValueError(f"must be a string, got {raw!r}")
         return str(raw)
+    if kind == "list":
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"must be a list of strings, got {raw!r}")
+        return tuple(items)
+    if kind == "env":
+        return _env_pairs(raw)
     raise ValueError(f"unknown setting type {kind}")
+
+
+def _env_pairs(raw: Any) -> dict[str, str]:
+    """``NAME=VALUE`` strings (CLI, lists) or a table (config files) as one dict."""
+    if isinstance(raw, dict):
+        pairs = list(raw.items())
+    else:
+        items = [raw] if isinstance(raw, str) else list(raw)
+        pairs = []
+        for item in items:
+            name, sep, value = str(item).partition("=")
+            if not sep:
+                raise ValueError(f"expected NAME=VALUE, got {item!r}")
+            pairs.append((name, value))
+    env: dict[str, str] = {}
+    for name, value in pairs:
+        if not name or "=" in name or "\0" in name or not isinstance(value, str | int | float):
+            raise ValueError(f"invalid environment variable {name!r}")
+        env[str(name)] = str(value)
+    return env
+
+
+def _base_uri(value: Any) -> None:
+    if not value.startswith("/") or "?" in value or "#" in value:
+        raise ValueError(f"must be a path starting with /, got {value!r}")
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -177,8 +212,9 @@ SETTINGS: tuple[Setting, ...] = (
         "str",
         None,
         Scope.APP,
-        "The kind of app, instead of detecting it.",
-        choices=("wsgi",),
+        "The kind of app, instead of detecting it: `wsgi` or `asgi` (Python), `rack` (Ruby), "
+        "`node`, or `generic` (any program that listens on $PORT; see app_start_command).",
+        choices=("wsgi", "asgi", "rack", "node", "generic"),
     ),
     Setting(
         "startup_file",
@@ -195,6 +231,70 @@ SETTINGS: tuple[Setting, ...] = (
         Scope.APP,
         "The Python interpreter that runs the app (default: the one running appmanager).",
         metavar="PATH",
+    ),
+    Setting(
+        "ruby",
+        "path",
+        None,
+        Scope.APP,
+        "The Ruby interpreter that runs Rack apps (default: ruby on the PATH).",
+        metavar="PATH",
+    ),
+    Setting(
+        "nodejs",
+        "path",
+        None,
+        Scope.APP,
+        "The Node.js interpreter that runs Node apps (default: node on the PATH).",
+        metavar="PATH",
+    ),
+    Setting(
+        "app_start_command",
+        "str",
+        None,
+        Scope.APP,
+        "Run the app with this shell command instead of a spawner shim: a generic app that "
+        "listens on the port given in $PORT (on 127.0.0.1). The core proxies requests to it.",
+        validator=_nonempty,
+        metavar="COMMAND",
+    ),
+    Setting(
+        "env_var",
+        "env",
+        None,
+        Scope.APP,
+        "Set an environment variable for the app, as NAME=VALUE; repeat for more. In a config "
+        'file, a table: `env_var = { NAME = "VALUE" }`.',
+        metavar="NAME=VALUE",
+    ),
+    Setting(
+        "base_uri",
+        "str",
+        None,
+        Scope.APP,
+        "Serve the app under this path prefix. Python apps see it as SCRIPT_NAME, Rack apps as "
+        "SCRIPT_NAME (Rails uses it as the relative URL root); Node apps see request URLs with "
+        "the prefix stripped.",
+        validator=_base_uri,
+        metavar="PATH",
+    ),
+    Setting(
+        "server_names",
+        "list",
+        None,
+        Scope.APP,
+        "Host names the app answers to (matched against the Host header, without the port); "
+        "config files only.",
+        cli=False,
+    ),
+    Setting(
+        "config",
+        "path",
+        None,
+        Scope.GLOBAL,
+        "Read apps and settings from this appmanager.toml file.",
+        metavar="FILE",
+        file=False,
     ),
     Setting(
         "min_instances",

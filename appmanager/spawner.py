@@ -1,7 +1,8 @@
-"""The Spawner: starting one app process through its language's shim (``docs/protocol/spawn.md``).
+"""The Spawner: starting one app process (``docs/protocol/spawn.md``).
 
-Direct spawning: each process execs the shim afresh. A spawn lives for the duration of one
-``spawn()`` call; what it produces is a Process in the SPAWNING state that has answered READY.
+Direct spawning: each process execs its language's shim afresh (or, for a generic app, the app's own
+command). A spawn lives for one ``spawn()`` call; what it produces is a Process that answered READY,
+still in the SPAWNING state until its Group starts it serving.
 """
 
 from __future__ import annotations
@@ -11,13 +12,18 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from appmanager.output import OutputCapture
 from appmanager.process import Process
+from appmanager.process_node import NodeProcess
+from appmanager.proxy import ProxyProcess
 from appmanager.spawnerror import SpawnError
 
 if TYPE_CHECKING:
@@ -28,21 +34,50 @@ log = logging.getLogger("appmanager")
 PROTOCOL_VERSION = 1
 CONTROL_FD = 3
 PROGRESS_FD = 4
-SHIMS = {"wsgi": ("python", "appmanager_python.py")}
+# Node tracks one byte per connection in its progress file (see handoff.md, "Node").
+NODE_SLOTS = 65536
 
 
-def shim_path(app_type: str) -> str:
-    """Where the shim for ``app_type`` is: installed inside the package, or in the source tree's
+@dataclass(frozen=True)
+class Shim:
+    """How to run the shim of one language."""
+
+    directory: str
+    filename: str
+    interpreter_setting: str
+    default_interpreter: str
+
+
+SHIMS = {
+    "python": Shim("python", "appmanager_python.py", "python", sys.executable),
+    "ruby": Shim("ruby", "appmanager_ruby.rb", "ruby", "ruby"),
+    "node": Shim("node", "appmanager_node.js", "nodejs", "node"),
+}
+
+
+def shim_path(language: str) -> str:
+    """Where the shim for ``language`` is: installed inside the package, or in the source tree's
     top-level ``spawners/`` when appmanager runs from a checkout."""
-    package, name = SHIMS[app_type]
+    shim = SHIMS[language]
     try:
-        path = str(resources.files("appmanager.spawners").joinpath(package, name))
+        path = str(resources.files("appmanager.spawners").joinpath(shim.directory, shim.filename))
         if os.path.isfile(path):
             return path
     except ModuleNotFoundError:
         pass
     source_tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(source_tree, "spawners", package, name)
+    return os.path.join(source_tree, "spawners", shim.directory, shim.filename)
+
+
+def interpreter(group: Group, language: str) -> str:
+    """The interpreter that runs ``language`` for ``group``, resolved on the PATH."""
+    shim = SHIMS[language]
+    wanted = group.settings[shim.interpreter_setting] or shim.default_interpreter
+    found = shutil.which(wanted)
+    if found is None:
+        option = "--" + shim.interpreter_setting
+        raise SpawnError("PREPARE", f"{wanted} not found (set its path with {option})")
+    return found
 
 
 def _high_dup(fd: int) -> int:
@@ -51,98 +86,218 @@ def _high_dup(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
 
 
-async def spawn(group: Group) -> Process:
-    """Start one process of ``group``'s app and wait for its READY. Raises ``SpawnError``."""
-    spec = group.spec
-    cfg = group.settings
-    interpreter = cfg["python"] or sys.executable
-    loop = asyncio.get_running_loop()
+def _environment(group: Group, extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    app_env = group.settings["environment"]
+    for name in ("APPMANAGER_ENV", "WSGI_ENV", "RACK_ENV", "RAILS_ENV", "NODE_ENV"):
+        env[name] = app_env
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(group.settings["env_var"] or {})
+    env.update(extra)
+    return env
 
-    core_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    progress_fd = os.memfd_create("appmanager-progress", os.MFD_CLOEXEC)
-    os.ftruncate(progress_fd, 8)
+
+def _launch(
+    argv: list[str], env: dict[str, str], fds: dict[int, int], group: Group
+) -> tuple[int, OutputCapture]:
+    """posix_spawn ``argv`` in its own session with stdin from /dev/null, stdout and stderr into
+    the log, and ``fds`` (target number → source descriptor) in place."""
     out_r, out_w = os.pipe()
-    child_ctl = _high_dup(child_end.fileno())
-    child_progress = _high_dup(progress_fd)
-    env = _environment(group)
+    high = {target: _high_dup(source) for target, source in fds.items()}
     actions: list[tuple[Any, ...]] = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_DUP2, out_w, 1),
         (os.POSIX_SPAWN_DUP2, out_w, 2),
-        (os.POSIX_SPAWN_DUP2, child_ctl, CONTROL_FD),
-        (os.POSIX_SPAWN_DUP2, child_progress, PROGRESS_FD),
     ]
+    actions += [(os.POSIX_SPAWN_DUP2, source, target) for target, source in high.items()]
     try:
-        pid = os.posix_spawn(
-            interpreter,
-            [interpreter, shim_path(spec.app_type)],
-            env,
-            file_actions=actions,
-            setsid=True,
-        )
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
     except OSError as exc:
-        for fd in (out_r, progress_fd):
-            os.close(fd)
-        core_end.close()
-        raise SpawnError("PREPARE", f"cannot run {interpreter}: {exc.strerror}") from None
+        os.close(out_r)
+        raise SpawnError("PREPARE", f"cannot run {argv[0]}: {exc.strerror}") from None
     finally:
-        for fd in (out_w, child_ctl, child_progress):
+        os.close(out_w)
+        for fd in high.values():
             os.close(fd)
-        child_end.close()
-
-    output = OutputCapture(loop, out_r, group.name)
+    output = OutputCapture(asyncio.get_running_loop(), out_r, group.name)
     output.pid = pid
-    pidfd = os.pidfd_open(pid)
-    core_end.setblocking(False)
     log.info("process %d spawned for app %s", pid, group.name)
-    message = {
+    return pid, output
+
+
+def _spawn_message(group: Group) -> dict[str, Any]:
+    spec = group.spec
+    return {
         "protocol": PROTOCOL_VERSION,
         "app_root": spec.root,
-        "app_type": spec.app_type,
+        "app_type": "wsgi" if spec.app_type == "python" else spec.app_type,
         "startup_file": spec.startup_file,
         "callables": list(spec.callables),
-        "environment": cfg["environment"],
-        "base_uri": "",
+        "environment": group.settings["environment"],
+        "base_uri": group.base_uri,
         "app_name": group.name,
     }
-    proc = Process(group, pid, core_end, progress_fd, pidfd, output, concurrency=1)
+
+
+async def spawn(group: Group) -> Process:
+    """Start one process of ``group``'s app and wait for its READY. Raises ``SpawnError``."""
+    language = group.spec.language
+    if language == "generic":
+        return await _spawn_generic(group)
+    if language == "node":
+        return await _spawn_node(group)
+    return await _spawn_shim(group, language)
+
+
+async def _spawn_shim(group: Group, language: str) -> Process:
+    """Python and Ruby: a SOCK_SEQPACKET control channel and one request per message."""
+    argv = [interpreter(group, language), shim_path(language)]
+    core_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    progress_fd = os.memfd_create("appmanager-progress", os.MFD_CLOEXEC)
+    os.ftruncate(progress_fd, 8)
+    env = _environment(
+        group,
+        {"APPMANAGER_CONTROL_FD": str(CONTROL_FD), "APPMANAGER_PROGRESS_FD": str(PROGRESS_FD)},
+    )
     try:
-        core_end.send(b"SPAWN " + json.dumps(message).encode())
-        reply = await asyncio.wait_for(_read_reply(loop, core_end), cfg["start_timeout"])
+        pid, output = _launch(
+            argv, env, {CONTROL_FD: child_end.fileno(), PROGRESS_FD: progress_fd}, group
+        )
+    except SpawnError:
+        core_end.close()
+        os.close(progress_fd)
+        raise
+    finally:
+        child_end.close()
+    core_end.setblocking(False)
+    proc = Process(group, pid, core_end, progress_fd, os.pidfd_open(pid), output, concurrency=1)
+    message = b"SPAWN " + json.dumps(_spawn_message(group)).encode()
+    reply = await _handshake(group, proc, lambda: core_end.send(message), _datagram_reply)
+    kind, _, payload = reply.partition(b" ")
+    info = json.loads(payload or b"{}")
+    return _finish(group, proc, kind.decode(), info)
+
+
+async def _spawn_node(group: Group) -> Process:
+    """Node: its own IPC channel (JSON lines over SOCK_STREAM) and whole connections."""
+    argv = [interpreter(group, "node"), shim_path("node")]
+    core_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    progress_fd = os.memfd_create("appmanager-progress", os.MFD_CLOEXEC)
+    os.ftruncate(progress_fd, NODE_SLOTS)
+    env = _environment(
+        group,
+        {
+            "NODE_CHANNEL_FD": str(CONTROL_FD),
+            "NODE_CHANNEL_SERIALIZATION_MODE": "json",
+            "APPMANAGER_PROGRESS_FD": str(PROGRESS_FD),
+        },
+    )
+    try:
+        pid, output = _launch(
+            argv, env, {CONTROL_FD: child_end.fileno(), PROGRESS_FD: progress_fd}, group
+        )
+    except SpawnError:
+        core_end.close()
+        os.close(progress_fd)
+        raise
+    finally:
+        child_end.close()
+    core_end.setblocking(False)
+    proc = NodeProcess(group, pid, core_end, progress_fd, os.pidfd_open(pid), output)
+    message = {"cmd": "APPMANAGER_SPAWN", **_spawn_message(group)}
+    line = json.dumps(message).encode() + b"\n"
+    reply = await _handshake(group, proc, lambda: core_end.sendall(line), proc.read_line)
+    info = json.loads(reply)
+    kind = {"APPMANAGER_READY": "READY", "APPMANAGER_ERROR": "ERROR"}.get(info.get("cmd"), "")
+    return _finish(group, proc, kind, info)
+
+
+async def _spawn_generic(group: Group) -> Process:
+    """A generic app: the app's own command, listening on $PORT; READY once the port accepts."""
+    port = _free_port()
+    env = _environment(group, {"PORT": str(port), "APPMANAGER_APP_ROOT": group.spec.root})
+    # posix_spawn in Python 3.11 has no chdir action; the shell changes directory instead.
+    argv = ["/bin/sh", "-c", 'cd "$APPMANAGER_APP_ROOT" && exec ' + group.spec.command]
+    pid, output = _launch(argv, env, {}, group)
+    proc = ProxyProcess(group, pid, os.pidfd_open(pid), output, port)
+    deadline = time.monotonic() + group.settings["start_timeout"]
+    while True:
+        if proc.exited():
+            await asyncio.sleep(0.05)
+            proc.abandon()
+            raise SpawnError(
+                "LISTEN",
+                f"the command exited before it listened on port {port}",
+                output=output.text(),
+            )
+        if await proc.port_open():
+            return proc
+        if time.monotonic() > deadline:
+            proc.abandon()
+            raise SpawnError(
+                "LISTEN",
+                f"the app did not listen on port {port} within "
+                f"{group.settings['start_timeout']:g} s (start_timeout)",
+                output=output.text(),
+            )
+        await asyncio.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _handshake(group: Group, proc: Process, send: Any, read: Any) -> bytes:
+    """Send the spawn message and wait for the one answer; abandon the process on failure."""
+    try:
+        send()
+        reply: bytes | None = await asyncio.wait_for(
+            read(asyncio.get_running_loop(), proc.ctl), group.settings["start_timeout"]
+        )
     except TimeoutError:
         proc.abandon()
         raise SpawnError(
             "LOAD_APP",
-            f"the app did not finish booting within {cfg['start_timeout']:g} s (start_timeout)",
-            output=output.text(),
+            f"the app did not finish booting within {group.settings['start_timeout']:g} s "
+            "(start_timeout)",
+            output=proc.output.text(),
         ) from None
     except OSError as exc:
         proc.abandon()
         raise SpawnError(
-            "PREPARE", f"control channel failed: {exc}", output=output.text()
+            "PREPARE", f"control channel failed: {exc}", output=proc.output.text()
         ) from None
     if reply is None:
         # Exited before answering; give the pipe a moment so the output is complete.
         await asyncio.sleep(0.05)
         proc.abandon()
-        raise SpawnError("PREPARE", "the process exited before it was ready", output=output.text())
-    kind, _, payload = reply.partition(b" ")
-    info = json.loads(payload or b"{}")
-    if kind == b"READY":
+        raise SpawnError(
+            "PREPARE", "the process exited before it was ready", output=proc.output.text()
+        )
+    return reply
+
+
+def _finish(group: Group, proc: Process, kind: str, info: dict[str, Any]) -> Process:
+    if kind == "READY":
         proc.concurrency = int(info.get("concurrency", 1))
+        reported = info.get("app_type")
+        if isinstance(reported, str) and reported:
+            group.app_type = reported
         return proc
     proc.abandon()
-    if kind == b"ERROR":
+    if kind == "ERROR":
         raise SpawnError(
             str(info.get("step", "PREPARE")),
             str(info.get("message", "unknown error")),
             traceback=str(info.get("traceback", "")),
-            output=output.text(),
+            output=proc.output.text(),
         )
-    raise SpawnError("PREPARE", f"unexpected answer {reply[:60]!r}", output=output.text())
+    raise SpawnError("PREPARE", f"unexpected answer {info!r:.80}", output=proc.output.text())
 
 
-async def _read_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes | None:
+async def _datagram_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes | None:
     """The shim's one answer to SPAWN, or None when the channel closed first."""
     fut: asyncio.Future[bytes | None] = loop.create_future()
 
@@ -161,14 +316,3 @@ async def _read_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> b
         return await fut
     finally:
         loop.remove_reader(sock.fileno())
-
-
-def _environment(group: Group) -> dict[str, str]:
-    env = dict(os.environ)
-    app_env = group.settings["environment"]
-    for name in ("APPMANAGER_ENV", "WSGI_ENV", "RACK_ENV", "RAILS_ENV", "NODE_ENV"):
-        env[name] = app_env
-    env["APPMANAGER_CONTROL_FD"] = str(CONTROL_FD)
-    env["APPMANAGER_PROGRESS_FD"] = str(PROGRESS_FD)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
