@@ -184,7 +184,7 @@ class Server:
 
 
 def start_server(
-    app_dir: str | Path,
+    app_dir: str | Path | None,
     *args: str,
     tmp_path: Path,
     env: dict[str, str] | None = None,
@@ -199,7 +199,7 @@ def start_server(
         "-m",
         "appmanager",
         "start",
-        str(app_dir),
+        *([] if app_dir is None else [str(app_dir)]),
         "--port",
         str(port),
         "--instance-dir",
@@ -235,6 +235,7 @@ def start_server(
             return server
     proc.kill()
     proc.wait()
+    proc.stdout.close()
     log = log_path.read_text() if log_path.exists() else ""
     raise AssertionError(f"server did not start: {''.join(lines)}\n{log[-3000:]}")
 
@@ -244,7 +245,7 @@ def server_factory(tmp_path: Path) -> Iterator[object]:
     """Start servers with ``server_factory(app_dir, *args)``; all are stopped after the test."""
     servers: list[Server] = []
 
-    def factory(app_dir: str | Path, *args: str, **kw: object) -> Server:
+    def factory(app_dir: str | Path | None, *args: str, **kw: object) -> Server:
         server = start_server(app_dir, *args, tmp_path=tmp_path, **kw)  # type: ignore[arg-type]
         servers.append(server)
         return server
