@@ -1,0 +1,1260 @@
+# frozen_string_literal: true
+
+# appmanager's spawner shim for Rack apps.
+#
+# The core execs this file with the app root as working directory, the control channel on fd 3 and
+# the progress file on fd 4 (docs/protocol/spawn.md). The shim loads config.ru, answers READY, then
+# serves one request at a time: each arrives on the control channel together with the client
+# connection's descriptor (docs/protocol/handoff.md); the shim calls the app, writes the response
+# straight to the client and reports back with "D <seq> <k|c>".
+#
+# It reads like spawners/python/appmanager_python.py, step for step. Ruby's standard library only,
+# plus the app's own Rack: it runs under whatever ruby, and bundle, the app uses. Before the bundle
+# is set up it loads no gem a Gemfile.lock commonly pins (json, stringio): Bundler refuses a
+# version other than the one already activated.
+
+require "socket"
+
+module AppManager
+  PROTOCOL = 1
+  SERVER_SOFTWARE = "appmanager"
+
+  # The core sends inline bodies of up to 64 KiB with a head of up to 8 KiB (handoff.md); 128 KiB
+  # leaves room. Ruby's recvmsg allocates a buffer this size for every message: kept under glibc's
+  # mmap threshold it costs nothing, at 1 MiB it costs more than the rest of a small request.
+  MAX_MESSAGE = 128 * 1024
+  # Room for the two descriptors a request message can carry: the client and the body file. Given
+  # explicitly, or Ruby's recvmsg peeks at every message first to size its buffers.
+  ANCILLARY_SIZE = 64
+  # How long a write may wait for a client that does not read before the shim gives up on it.
+  WRITE_TIMEOUT = 60
+  # An ERROR message must fit in one control-channel message; a backtrace's end is the useful part.
+  MAX_TRACEBACK = 64 * 1024
+  # Header names are few and repeat; their env keys are cached, up to this many.
+  MAX_CACHED_HEADER_NAMES = 1000
+  # Bodies up to this size go out in the same write as the head; bigger ones are not worth a copy.
+  COALESCE_LIMIT = 64 * 1024
+  # rack.input over a body file reads ahead in blocks of this size for gets and each.
+  READ_AHEAD = 64 * 1024
+
+  PR_SET_PDEATHSIG = 1
+  SIGKILL = 9
+  # sendfile(2) errors that mean "not for this file", not "the client went away".
+  NO_SENDFILE = [Errno::EINVAL::Errno, Errno::ENOSYS::Errno, Errno::EOPNOTSUPP::Errno].freeze
+  TRUNCATED = Socket::MSG_TRUNC | Socket::MSG_CTRUNC
+
+  BINARY = Encoding::BINARY
+  CRLF = "\r\n"
+  EMPTY = "".b.freeze
+  LAST_CHUNK = "0\r\n\r\n"
+  CONNECTION_CLOSE = "Connection: close\r\n"
+  CONNECTION_KEEP_ALIVE = "Connection: keep-alive\r\n"
+  CHUNKED = "Transfer-Encoding: chunked\r\n"
+
+  METHODS = %w[GET HEAD POST PUT DELETE PATCH OPTIONS].to_h { |m| [m.b.freeze, m] }.freeze
+  SCHEMES = { "http".b => "http", "https".b => "https" }.freeze
+  # Response headers the shim owns: framing and connection management are its job, not the app's.
+  # Looked up by the app's spelling first; only names of these lengths are worth a downcase.
+  SPECIAL_HEADERS = {
+    "connection" => :connection, "keep-alive" => :hop_by_hop, "transfer-encoding" => :hop_by_hop,
+    "content-length" => :content_length, "date" => :date,
+    "Connection" => :connection, "Keep-Alive" => :hop_by_hop, "Transfer-Encoding" => :hop_by_hop,
+    "Content-Length" => :content_length, "Date" => :date
+  }.freeze
+  SPECIAL_LENGTHS = [4, 10, 14, 17].freeze
+  # Header names must not break the head apart; values may hold "\n" only as Rack 2's separator.
+  INVALID_NAME = /[\r\n:]|\A\z/.freeze
+  DIGITS = /\A\d+\z/.freeze
+  SLASH = "/".ord
+
+  # The core sent something this shim cannot read; a bug on one side or a version mismatch.
+  class ProtocolError < StandardError; end
+
+  # config.ru loaded, but what it runs is not a Rack app.
+  class NoAppError < StandardError; end
+
+  # A write to the client failed: it went away, reset the connection or stopped reading.
+  class ClientDisconnected < StandardError; end
+
+  # Raised by the SIGTERM handler to leave a blocking receive; never escapes Worker#serve. Not a
+  # StandardError, so that no rescue on the way swallows it.
+  class Stop < Exception; end
+
+  # The handshake
+
+  # Just enough JSON for the handshake, without the json gem, which the app's bundle may pin to
+  # another version (Passenger's loaders carry their own JSON for the same reason).
+  module HandshakeJSON
+    # The text is not JSON, or not the JSON this reader understands.
+    class ParseError < StandardError; end
+
+    TOKEN = /\G\s*(?:
+      ("(?:[^"\\]|\\.)*") |                  # 1: a string
+      (-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?) |   # 2: a number
+      (true|false|null) |                    # 3: a literal
+      ([{}\[\],:])                           # 4: punctuation
+    )/mx.freeze
+    ESCAPES = {
+      '"' => '\\"', "\\" => "\\\\", "\n" => "\\n", "\r" => "\\r", "\t" => "\\t",
+      "\b" => "\\b", "\f" => "\\f"
+    }.freeze
+    UNESCAPES = { "b" => "\b", "f" => "\f", "n" => "\n", "r" => "\r", "t" => "\t" }.freeze
+    LITERALS = { "true" => true, "false" => false, "null" => nil }.freeze
+
+    module_function
+
+    def generate(value)
+      case value
+      when Hash then "{#{value.map { |k, v| "#{quote(k.to_s)}:#{generate(v)}" }.join(",")}}"
+      when Array then "[#{value.map { |v| generate(v) }.join(",")}]"
+      when Integer, true, false then value.to_s
+      when Float then value.finite? ? value.to_s : "null"
+      when nil then "null"
+      else quote(value.to_s)
+      end
+    end
+
+    def quote(text)
+      escaped = AppManager.utf8(text).gsub(/["\\\x00-\x1f]/) do |c|
+        ESCAPES[c] || format("\\u%04x", c.ord)
+      end
+      "\"#{escaped}\""
+    end
+
+    def parse(text)
+      text = text.dup.force_encoding(Encoding::UTF_8)
+      raise ParseError, "not UTF-8" unless text.valid_encoding?
+
+      value, pos = value_at(text, 0)
+      raise ParseError, "unexpected text at offset #{pos}" unless text.match?(/\G\s*\z/, pos)
+
+      value
+    end
+
+    # The value starting at pos, and the offset after it.
+    def value_at(text, pos)
+      token, pos = token_at(text, pos)
+      case token
+      when :"{" then object_at(text, pos)
+      when :"[" then array_at(text, pos)
+      when Symbol then raise ParseError, "unexpected #{token.inspect} at offset #{pos}"
+      else [token, pos]
+      end
+    end
+
+    def object_at(text, pos)
+      object = {}
+      token, after = token_at(text, pos)
+      return [object, after] if token == :"}"
+
+      loop do
+        key, pos = token_at(text, pos)
+        raise ParseError, "object key at offset #{pos} is not a string" unless key.is_a?(String)
+
+        colon, pos = token_at(text, pos)
+        raise ParseError, "expected ':' at offset #{pos}" unless colon == :":"
+
+        object[key], pos = value_at(text, pos)
+        token, pos = token_at(text, pos)
+        return [object, pos] if token == :"}"
+        raise ParseError, "expected ',' or '}' at offset #{pos}" unless token == :","
+      end
+    end
+
+    def array_at(text, pos)
+      array = []
+      token, after = token_at(text, pos)
+      return [array, after] if token == :"]"
+
+      loop do
+        value, pos = value_at(text, pos)
+        array << value
+        token, pos = token_at(text, pos)
+        return [array, pos] if token == :"]"
+        raise ParseError, "expected ',' or ']' at offset #{pos}" unless token == :","
+      end
+    end
+
+    # The next token: a String, number, true, false or nil, or punctuation as a Symbol.
+    def token_at(text, pos)
+      match = TOKEN.match(text, pos)
+      raise ParseError, "unexpected text at offset #{pos}" unless match
+
+      token =
+        if match[1] then unescape(match[1][1..-2])
+        elsif match[2] then match[2].match?(/[.eE]/) ? Float(match[2]) : Integer(match[2], 10)
+        elsif match[3] then LITERALS.fetch(match[3])
+        else match[4].to_sym
+        end
+      [token, match.end(0)]
+    end
+
+    def unescape(body)
+      return body unless body.include?("\\")
+
+      text = body.gsub(/\\u([dD][89abAB]\h\h)\\u([dD][c-fC-F]\h\h)|\\u(\h{4})|\\(.)/m) do
+        if Regexp.last_match(1)
+          high = Regexp.last_match(1).hex
+          low = Regexp.last_match(2).hex
+          [0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00)].pack("U")
+        elsif Regexp.last_match(3)
+          [Regexp.last_match(3).hex].pack("U")
+        else
+          UNESCAPES.fetch(Regexp.last_match(4), Regexp.last_match(4))
+        end
+      end
+      raise ParseError, "string with a lone surrogate" unless text.valid_encoding?
+
+      text
+    end
+  end
+
+  # What the SPAWN message says about the app; unknown keys are ignored (spawn.md).
+  SpawnConfig = Struct.new(
+    :protocol, :app_root, :app_type, :startup_file, :environment, :base_uri, :app_name,
+    keyword_init: true
+  ) do
+    # Parses "SPAWN {json}"; raises ProtocolError when it is anything else.
+    def self.from_message(message)
+      tag, _, payload = message.partition(" ")
+      if tag != "SPAWN"
+        raise ProtocolError, "expected a SPAWN message, got #{message[0, 40].inspect}"
+      end
+
+      begin
+        data = HandshakeJSON.parse(payload)
+      rescue HandshakeJSON::ParseError => e
+        raise ProtocolError, "SPAWN message is not JSON: #{e.message}"
+      end
+      raise ProtocolError, "SPAWN message is not a JSON object" unless data.is_a?(Hash)
+
+      begin
+        new(
+          protocol: Integer(data.fetch("protocol")),
+          app_root: data.fetch("app_root").to_s,
+          app_type: (data["app_type"] || "rack").to_s,
+          startup_file: data.fetch("startup_file").to_s,
+          environment: (data["environment"] || "production").to_s,
+          base_uri: (data["base_uri"] || "").to_s,
+          app_name: (data["app_name"] || "").to_s
+        )
+      rescue KeyError, TypeError, ArgumentError => e
+        raise ProtocolError, "SPAWN message lacks or mangles a key: #{e.message}"
+      end
+    end
+  end
+
+  module_function
+
+  # Sends one handshake message, "TAG {json}".
+  def send_message(control, tag, payload)
+    control.sendmsg("#{tag} #{HandshakeJSON.generate(payload)}")
+  end
+
+  # Step PREPARE: checks the protocol, ties the process to the core, enters the app root.
+  # Returns the progress file.
+  def prepare(config, control, progress_fd, parent_pid)
+    if config.protocol != PROTOCOL
+      raise ProtocolError,
+            "the core speaks protocol #{config.protocol}; this shim speaks #{PROTOCOL}"
+    end
+    if config.app_type != "rack"
+      raise ProtocolError, "app_type #{config.app_type.inspect} is not served by the Ruby shim"
+    end
+
+    # Subprocesses the app starts must not keep the control channel open: the core counts on EOF.
+    control.close_on_exec = true
+    progress = IO.for_fd(progress_fd, "r+b", autoclose: false)
+    progress.close_on_exec = true
+    die_with_parent(parent_pid)
+    app_root = File.expand_path(config.app_root)
+    $LOAD_PATH.unshift(app_root) unless $LOAD_PATH.include?(app_root)
+    Dir.chdir(app_root)
+    ENV["RACK_ENV"] ||= config.environment
+    ENV["RAILS_ENV"] ||= config.environment
+    progress
+  end
+
+  # Asks Linux to SIGKILL this process when the core dies, and exits if it already has.
+  #
+  # Best effort, through Fiddle (Ruby's ctypes): without it, or off Linux, the process relies on
+  # EOF on the control channel, which it sees between requests.
+  def die_with_parent(parent_pid)
+    return unless RUBY_PLATFORM.include?("linux")
+
+    begin
+      require "fiddle"
+      prctl = Fiddle::Function.new(
+        Fiddle::Handle::DEFAULT["prctl"],
+        [Fiddle::TYPE_INT] + [Fiddle::TYPE_LONG] * 4,
+        Fiddle::TYPE_INT
+      )
+      return if prctl.call(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0
+    rescue LoadError, StandardError
+      return
+    end
+    # The core may have died before prctl took effect; then nothing would ever kill us.
+    exit!(1) if Process.ppid != parent_pid
+  end
+
+  # Step LOAD_APP: loads config.ru with Rack's own builder and returns the app it runs.
+  def load_app(config)
+    # The app's Gemfile decides which Rack it gets, so Bundler goes first, as under Passenger.
+    gemfile = ENV["BUNDLE_GEMFILE"] || File.join(Dir.pwd, "Gemfile")
+    require "bundler/setup" if File.file?(gemfile)
+    require "rack"
+    # Rack 2 returns [app, options], Rack 3 the app alone.
+    app = Rack::Builder.parse_file(config.startup_file)
+    app = app.first if app.is_a?(Array)
+    return app if app.respond_to?(:call)
+
+    raise NoAppError, "#{config.startup_file} runs a #{app.class}, which does not respond to call"
+  end
+
+  # The ERROR payload for an exception raised during step.
+  def failure_message(step, exc)
+    text = utf8(exc.full_message(highlight: false, order: :top))
+    text = "...\n#{text[-MAX_TRACEBACK..]}" if text.length > MAX_TRACEBACK
+    detail = utf8(exc.message).rstrip
+    detail = "exit status #{exc.status}" if exc.is_a?(SystemExit)
+    message = detail.empty? ? exc.class.name : "#{exc.class}: #{detail}"
+    { "step" => step, "message" => message, "traceback" => text }
+  end
+
+  # Text for the handshake's JSON, whatever its encoding: UTF-8, invalid bytes replaced.
+  def utf8(text)
+    text = text.to_s
+    text = text.dup.force_encoding(Encoding::UTF_8) unless text.encoding == Encoding::UTF_8
+    text.valid_encoding? ? text : text.scrub
+  end
+
+  # Appends str to the binary buffer buf, whatever str's encoding.
+  def append(buf, str)
+    buf << str
+  rescue Encoding::CompatibilityError
+    # Both hold non-ASCII bytes in different encodings; on the wire they are bytes either way.
+    buf.force_encoding(BINARY) << str.b
+  end
+
+  # One message to stderr, which the core logs line by line with the app and pid.
+  def log(message)
+    $stderr.write("appmanager_ruby: #{message.rstrip}\n")
+  end
+
+  # Serving requests
+
+  # The shim's copy of a client connection's descriptor, written with waits on select.
+  #
+  # The descriptor is non-blocking and its flags are shared with the core's copy, so it stays
+  # non-blocking: write_nonblock and IO.select, never IO#write, which would wait without a limit.
+  class ClientConnection
+    # sendfile(2) through Fiddle: IO.copy_stream uses it too, but waits for a stalled client
+    # forever. nil when Fiddle is missing; files are then read and written.
+    SENDFILE =
+      begin
+        require "fiddle"
+        Fiddle::Function.new(
+          Fiddle::Handle::DEFAULT["sendfile"],
+          [Fiddle::TYPE_INT, Fiddle::TYPE_INT, Fiddle::TYPE_VOIDP, Fiddle::TYPE_SIZE_T],
+          Fiddle::TYPE_SSIZE_T
+        )
+      rescue LoadError, StandardError
+        nil
+      end
+
+    def initialize(io)
+      @io = io
+    end
+
+    # Writes all of data; raises SystemCallError (ETIMEDOUT when the client stops reading).
+    def write(data)
+      size = data.bytesize
+      sent = write_some(data)
+      while sent < size
+        wait_writable
+        sent += write_some(data.byteslice(sent, size - sent))
+      end
+    end
+
+    # Sends count bytes of a regular file from offset; returns how many were sent, fewer when
+    # the file turned out shorter.
+    def sendfile(file, offset, count)
+      return copy_file(file, offset, count) unless SENDFILE
+
+      position = [offset].pack("q")
+      total = 0
+      while total < count
+        sent = SENDFILE.call(@io.fileno, file.fileno, position, count - total)
+        if sent.negative?
+          errno = Fiddle.last_error
+          if errno == Errno::EAGAIN::Errno
+            wait_writable
+            next
+          end
+          next if errno == Errno::EINTR::Errno
+          return copy_file(file, offset, count) if total.zero? && NO_SENDFILE.include?(errno)
+
+          raise SystemCallError.new("sendfile", errno)
+        end
+        break if sent.zero?
+
+        total += sent
+      end
+      total
+    end
+
+    # sendfile's fallback, for files that cannot be sent directly: pread and write.
+    def copy_file(file, offset, count)
+      total = 0
+      while total < count
+        begin
+          block = file.pread([count - total, 1 << 20].min, offset + total)
+        rescue EOFError
+          break
+        end
+        write(block)
+        total += block.bytesize
+      end
+      total
+    end
+
+    # One write_nonblock: how many bytes the socket took, 0 when its buffer is full. (select may
+    # say writable when the buffer is still too full.)
+    def write_some(data)
+      @io.write_nonblock(data)
+    rescue IO::WaitWritable
+      0
+    end
+
+    # Waits until the client can take more bytes, at most WRITE_TIMEOUT seconds.
+    def wait_writable
+      return if IO.select(nil, [@io], nil, WRITE_TIMEOUT)
+
+      raise Errno::ETIMEDOUT, "client read nothing for #{WRITE_TIMEOUT} s"
+    end
+  end
+
+  # rack.input for a body in a file: the first length bytes, read by pread from offset 0.
+  #
+  # pread leaves the descriptor's offset alone: SCM_RIGHTS passes the core's open file
+  # description, offset included. The descriptor belongs to the Worker, which closes it after the
+  # request. Reads ahead in blocks for gets and each; read goes to the file directly.
+  class BodyFile
+    def initialize(io, length)
+      @io = io
+      @length = length
+      @file_pos = 0 # where the next pread starts
+      @buffer = EMPTY # bytes read ahead, unread from @offset on
+      @offset = 0
+    end
+
+    # IO#read's contract: all that is left without length, nil at the end with one.
+    def read(length = nil, outbuf = nil)
+      want = @length - @file_pos + @buffer.bytesize - @offset
+      if length
+        raise ArgumentError, "negative length #{length} given" if length.negative?
+
+        if want <= 0 && length.positive?
+          outbuf&.clear
+          return nil
+        end
+        want = length if length < want
+      end
+      data = take(want)
+      outbuf ? outbuf.replace(data) : data
+    end
+
+    def gets
+      loop do
+        newline = @buffer.index("\n", @offset)
+        if newline
+          line = @buffer.byteslice(@offset, newline + 1 - @offset)
+          @offset = newline + 1
+          return line
+        end
+        next if fill
+
+        return nil if @offset >= @buffer.bytesize
+
+        line = @buffer.byteslice(@offset, @buffer.bytesize - @offset)
+        @offset = @buffer.bytesize
+        return line
+      end
+    end
+
+    def each
+      while (line = gets)
+        yield line
+      end
+      self
+    end
+
+    def rewind
+      @file_pos = 0
+      @buffer = EMPTY
+      @offset = 0
+      0
+    end
+
+    def size
+      @length
+    end
+
+    def close
+      nil
+    end
+
+    private
+
+    # Reads the next block behind what is buffered; false at the end of the body.
+    def fill
+      return false if @file_pos >= @length
+
+      block = pread([READ_AHEAD, @length - @file_pos].min)
+      return false unless block
+
+      rest = @buffer.bytesize - @offset
+      @buffer = rest.zero? ? block : @buffer.byteslice(@offset, rest) << block
+      @offset = 0
+      true
+    end
+
+    # n bytes, fewer at the end of the body: the buffered ones, then the file's.
+    def take(count)
+      buffered = @buffer.bytesize - @offset
+      if count <= buffered
+        data = @buffer.byteslice(@offset, count)
+        @offset += count
+        return data
+      end
+      data = String.new(capacity: count)
+      data << @buffer.byteslice(@offset, buffered) if buffered.positive?
+      @buffer = EMPTY
+      @offset = 0
+      while data.bytesize < count && (block = pread(count - data.bytesize))
+        data << block
+      end
+      data
+    end
+
+    def pread(count)
+      block = @io.pread(count, @file_pos)
+      @file_pos += block.bytesize
+      block
+    rescue EOFError
+      # The file is shorter than body_len said; its end is the body's end.
+      @length = @file_pos
+      nil
+    end
+  end
+
+  # The Date response header line, formatted at most once per second.
+  class DateHeader
+    def initialize
+      @second = -1
+      @line = nil
+    end
+
+    def line
+      now = Process.clock_gettime(Process::CLOCK_REALTIME, :second)
+      if now != @second
+        # Ruby's strftime names days and months in English, whatever the locale.
+        @line = Time.at(now).utc.strftime("Date: %a, %d %b %Y %H:%M:%S GMT\r\n").freeze
+        @second = now
+      end
+      @line
+    end
+  end
+
+  # The object a Rack 3 streaming body (one that responds to call, not each) writes to.
+  class StreamBody
+    def initialize(response)
+      @response = response
+      @closed = false
+    end
+
+    def write(data)
+      text = data.to_s
+      @response.write(text)
+      text.bytesize
+    end
+
+    def <<(data)
+      write(data)
+      self
+    end
+
+    def flush
+      self
+    end
+
+    # The request body was read by the core; the stream has nothing to offer.
+    def read(*)
+      nil
+    end
+
+    def close_read; end
+
+    def close
+      @closed = true
+    end
+    alias close_write close
+
+    def closed?
+      @closed
+    end
+  end
+
+  # One response on its way to the client: what the app returned and what has been sent.
+  #
+  # Lives for one request. Headers go out lazily, with the first non-empty body chunk or at the
+  # end. Invariants: once headers_sent is true, the status and headers never change and chunked
+  # and remaining describe the framing; keep_alive only goes from true to false.
+  class Response
+    attr_reader :seq, :headers_sent, :finished, :bodiless
+    attr_accessor :keep_alive
+
+    def initialize(
+      conn, seq, progress, date, status_lines, is_head, http11, client_keepalive, keep_alive
+    )
+      @conn = conn
+      @seq = seq
+      @progress = progress
+      @date = date
+      @status_lines = status_lines
+      @is_head = is_head
+      @http11 = http11
+      # An HTTP/1.0 client asked for keep-alive; it only keeps the connection if told so.
+      @client_keepalive = client_keepalive
+      # Whether the connection may stay open; start and the framing can only lower it.
+      @keep_alive = keep_alive
+      @status_line = nil
+      @header_lines = nil
+      @content_length = nil
+      @has_date = false
+      @bodiless = is_head
+      @headers_sent = false
+      @chunked = false
+      # Bytes of the app's Content-Length still to send; nil when the length is not the app's.
+      @remaining = nil
+      @finished = false
+    end
+
+    # Validates and takes the status and headers the app returned; raises before storing any.
+    def start(status, headers)
+      code = status_code(status)
+      lines = +""
+      content_length = nil
+      has_date = false
+      keep_alive = @keep_alive
+      headers.each do |name, value|
+        raise TypeError, "header name #{name.inspect} is not a String" unless name.is_a?(String)
+        if INVALID_NAME.match?(name)
+          raise ArgumentError, "header name #{name.inspect} holds CR, LF or ':'"
+        end
+        # Rack 3 reserves rack.* names for talking to the server.
+        next if name.start_with?("rack.")
+
+        special = SPECIAL_HEADERS[name]
+        if special.nil? && SPECIAL_LENGTHS.include?(name.bytesize)
+          special = SPECIAL_HEADERS[name.downcase]
+        end
+        case special
+        when nil
+          add_header(lines, name, value)
+        when :content_length
+          text = value.is_a?(Array) && value.length == 1 ? value[0] : value
+          unless text.is_a?(String) && text.match?(/\A\s*\d+\s*\z/)
+            raise ArgumentError, "invalid Content-Length #{value.inspect}"
+          end
+
+          content_length = text.to_i
+          add_header(lines, name, text)
+        when :date
+          has_date = true
+          add_header(lines, name, value)
+        when :connection
+          keep_alive = false if Array(value).any? { |v| v.to_s.downcase.include?("close") }
+        end
+      end
+      @status_line = @status_lines[code] ||= "HTTP/1.1 #{code} \r\n".freeze
+      @header_lines = lines
+      @content_length = content_length
+      @has_date = has_date
+      @keep_alive = keep_alive
+      # 1xx, 204 and 304 responses have no body, whatever the app returns.
+      @bodiless = @is_head || code < 200 || code == 204 || code == 304
+    end
+
+    # Sends a response whose body is known in full: headers and body in one write.
+    def send_whole(body)
+      if @bodiless
+        # HEAD: a Content-Length the body gives is what GET would send; an empty one says
+        # nothing (the app may skip the body for HEAD). 1xx/204/304 never get one.
+        if @is_head && !body.empty? && @content_length.nil?
+          framing = "Content-Length: #{body.bytesize}\r\n"
+        end
+        send_data(head(framing), true)
+      elsif @content_length.nil?
+        send_head_and("Content-Length: #{body.bytesize}\r\n", body)
+      else
+        # The client will wait for bytes that never come.
+        @keep_alive = false if body.bytesize < @content_length
+        body = body.byteslice(0, @content_length) if body.bytesize > @content_length
+        send_head_and(nil, body)
+      end
+      @finished = true
+    end
+
+    # The path of every chunk of a streamed body.
+    def write(data)
+      raise TypeError, "body chunks must be Strings, not #{data.class}" unless data.is_a?(String)
+
+      unless @headers_sent
+        start_stream(data) unless data.empty?
+        return
+      end
+      return if @bodiless || data.empty?
+
+      if @chunked
+        chunk = String.new(capacity: data.bytesize + 12)
+        chunk << data.bytesize.to_s(16) << CRLF
+        AppManager.append(chunk, data) << CRLF
+        send_data(chunk)
+      elsif @remaining
+        return unless @remaining.positive?
+
+        send_data(data.bytesize > @remaining ? data.byteslice(0, @remaining) : data)
+        @remaining -= [data.bytesize, @remaining].min
+      else
+        send_data(data)
+      end
+    end
+
+    # Ends a streamed body: the last chunk, or the headers when every chunk was empty.
+    def finish
+      return send_whole(EMPTY) unless @headers_sent
+
+      if @chunked
+        send_data(LAST_CHUNK)
+      elsif @remaining&.positive?
+        @keep_alive = false
+      end
+      @finished = true
+    end
+
+    # Sends a regular file with sendfile(2); false, having sent nothing, when it is not one.
+    def send_file(path)
+      return false if @headers_sent || (@bodiless && !@is_head)
+
+      begin
+        file = File.open(path, "rb")
+      rescue SystemCallError, TypeError
+        return false
+      end
+      begin
+        return false unless file.stat.file?
+
+        size = file.size
+        count = @content_length.nil? ? size : [size, @content_length].min
+        send_data(head(@content_length.nil? ? "Content-Length: #{size}\r\n" : nil), true)
+        if @is_head || count.zero?
+          @finished = true
+          return true
+        end
+        begin
+          sent = @conn.sendfile(file, 0, count)
+        rescue SystemCallError, IOError => e
+          @keep_alive = false
+          raise ClientDisconnected, "sending the file failed: #{e.message}"
+        end
+        # The file shrank under us; the length we announced is a lie.
+        @keep_alive = false if sent < (@content_length || size)
+        @finished = true
+        true
+      ensure
+        file.close
+      end
+    end
+
+    private
+
+    def status_code(status)
+      code = status.is_a?(Integer) ? status : Integer(status.to_s, 10)
+      raise ArgumentError unless code.between?(100, 999)
+
+      code
+    rescue ArgumentError, TypeError
+      raise ArgumentError, "invalid Rack status #{status.inspect}; expected e.g. 200"
+    end
+
+    # Rack 2 puts several values of one header in one String, split by "\n"; Rack 3 in an Array.
+    def add_header(lines, name, value)
+      if value.is_a?(String)
+        raise ArgumentError, "header #{name}: #{value.inspect} holds CR" if value.include?("\r")
+
+        unless value.include?("\n")
+          AppManager.append(AppManager.append(lines, name) << ": ", value) << CRLF
+          return
+        end
+        value = value.split("\n")
+      end
+      raise TypeError, "header #{name}: #{value.inspect} is not a String" unless value.is_a?(Array)
+
+      value.each do |v|
+        raise TypeError, "header #{name}: #{v.inspect} is not a String" unless v.is_a?(String)
+
+        add_header(lines, name, v)
+      end
+    end
+
+    # The status line and headers, framing (a Content-Length or Transfer-Encoding line, or nil)
+    # included; the Connection header follows keep_alive.
+    def head(framing, room = 0)
+      buf = String.new(capacity: 128 + @header_lines.bytesize + room)
+      buf << @status_line
+      AppManager.append(buf, @header_lines)
+      buf << @date.line unless @has_date
+      buf << framing if framing
+      if !@keep_alive
+        buf << CONNECTION_CLOSE
+      elsif !@http11 && @client_keepalive
+        buf << CONNECTION_KEEP_ALIVE
+      end
+      buf << CRLF
+    end
+
+    # The head and a whole body: one write when the body is small enough to copy.
+    def send_head_and(framing, body)
+      if body.bytesize > COALESCE_LIMIT
+        send_data(head(framing), true)
+        send_data(body)
+      else
+        send_data(AppManager.append(head(framing, body.bytesize), body), true)
+      end
+    end
+
+    # Sends the headers with the first chunk of a body of not-yet-known length.
+    def start_stream(first)
+      if @bodiless
+        send_data(head(nil), true)
+      elsif @content_length
+        @remaining = @content_length - [first.bytesize, @content_length].min
+        first = first.byteslice(0, @content_length) if first.bytesize > @content_length
+        send_data(AppManager.append(head(nil, first.bytesize), first), true)
+      elsif @http11
+        @chunked = true
+        buf = head(CHUNKED, first.bytesize + 12)
+        buf << first.bytesize.to_s(16) << CRLF
+        send_data(AppManager.append(buf, first) << CRLF, true)
+      else
+        # HTTP/1.0 cannot chunk: the body ends where the connection does.
+        @keep_alive = false
+        send_data(AppManager.append(head(nil, first.bytesize), first), true)
+      end
+    end
+
+    # Writes to the client; the first write of the response records progress first.
+    def send_data(data, head = false)
+      if head
+        # handoff.md: the core reads this only if the process dies holding the request.
+        @progress.pwrite([@seq].pack("Q<"), 0)
+        @headers_sent = true
+      end
+      begin
+        @conn.write(data)
+      rescue SystemCallError, IOError => e
+        @keep_alive = false
+        raise ClientDisconnected, "writing the response failed: #{e.message}"
+      end
+    end
+  end
+
+  # Serves requests from the control channel, one at a time, for the life of the process.
+  #
+  # Created in step LISTEN once the app is loaded; lives until EOF on the control channel or
+  # SIGTERM. Owns the descriptors that come with each request and closes them when the request is
+  # answered; between requests it keeps only caches.
+  class Worker
+    def initialize(control, progress, app, config)
+      # Only now, with the app's bundle set up: stringio is a gem the bundle may pin.
+      require "stringio"
+      @control = control
+      @progress = progress
+      @app = app
+      @development = config.environment == "development"
+      # "/" or "/app/" mean the same mount point as "" and "/app".
+      @base_uri = config.base_uri.sub(%r{/+\z}, "").freeze
+      # Compared with request paths, which are bytes.
+      @base_path = @base_uri.b.freeze
+      @date = DateHeader.new
+      # Every status line Rack knows a reason for, made before the first request needs one.
+      reasons = defined?(Rack::Utils::HTTP_STATUS_CODES) ? Rack::Utils::HTTP_STATUS_CODES : {}
+      @status_lines = reasons.to_h { |code, why| [code, "HTTP/1.1 #{code} #{why}\r\n".freeze] }
+      @header_keys = {}
+      @base_env = {
+        "SCRIPT_NAME" => @base_uri,
+        "SERVER_SOFTWARE" => SERVER_SOFTWARE,
+        "rack.errors" => $stderr,
+        "rack.multithread" => false,
+        "rack.multiprocess" => true,
+        "rack.run_once" => false,
+        # v1 hands over requests, not connections: the core keeps reading the client.
+        "rack.hijack?" => false
+      }
+      # Rack 3 made rack.version optional, and Rack 3.1 dropped the constant.
+      @base_env["rack.version"] = Rack::VERSION if defined?(Rack::VERSION)
+      @idle = false
+      @stopping = false
+    end
+
+    # Takes requests until EOF on the control channel or SIGTERM; a TERM during a request lets
+    # the request finish.
+    def serve
+      loop do
+        # idle goes up before stopping is checked, so a TERM between the two still stops us. A
+        # TERM right after the receive returns loses that request; the core sees the process die
+        # holding it with no progress recorded, and answers 502.
+        @idle = true
+        return if @stopping
+
+        message, _, msg_flags, *controls =
+          @control.recvmsg(MAX_MESSAGE, 0, ANCILLARY_SIZE, scm_rights: true)
+        @idle = false
+        return if message.empty? && controls.empty?
+
+        ios = received_ios(controls)
+        begin
+          reply = handle(message, msg_flags, ios)
+        ensure
+          ios.each(&:close)
+        end
+        @control.sendmsg(reply) if reply
+      end
+    rescue Stop
+      nil
+    rescue SystemCallError, IOError => e
+      # The core is gone; nothing left to serve.
+      AppManager.log("control channel failed: #{e.message}")
+    end
+
+    # Step LISTEN: the signal handling serving needs, in place before READY goes out.
+    #
+    # SIGPIPE stays as Ruby set it: a failed write raises EPIPE, and unlike SIG_IGN, Ruby's
+    # handler is not inherited by the app's subprocesses.
+    def listen
+      Signal.trap("TERM") { on_sigterm }
+    end
+
+    # Stops at once when idle; otherwise after the current request is answered.
+    def on_sigterm
+      @stopping = true
+      raise Stop if @idle
+    end
+
+    # Serves one Q message; returns the D reply, or nil when it has no seq.
+    def handle(message, msg_flags, ios)
+      end_of_line = message.index("\n") || message.bytesize
+      fields = message.byteslice(0, end_of_line).split(" ")
+      seq = fields[1]
+      seq = seq.to_i if seq&.match?(DIGITS)
+      unless seq.is_a?(Integer)
+        AppManager.log("ignoring unreadable control message #{message[0, 80].inspect}")
+        return nil
+      end
+      begin
+        keep = serve_request(message, msg_flags, ios, end_of_line, fields)
+      rescue ProtocolError => e
+        AppManager.log("request #{seq}: protocol error: #{e.message}")
+        keep = false
+      rescue StandardError => e
+        # App errors are handled in run_app; this is the shim's own failure (a bad progress
+        # descriptor, say). The process can go on; this connection cannot.
+        text = e.full_message(highlight: false, order: :top)
+        AppManager.log("request #{seq}: internal error:\n#{text}")
+        keep = false
+      end
+      keep ? "D #{seq} k" : "D #{seq} c"
+    end
+
+    # Reads a request message, calls the app on it; returns whether the connection may stay open.
+    def serve_request(message, msg_flags, ios, end_of_line, fields)
+      raise ProtocolError, "message or descriptors truncated" unless (msg_flags & TRUNCATED).zero?
+      if fields.length != 10 || fields[0] != "Q"
+        raise ProtocolError, "expected 10 fields in a Q line, got #{fields.join(" ").inspect}"
+      end
+
+      _, seq, flags, raddr, rport, saddr, sport, scheme, head_len, body_len = fields
+      seq = Integer(seq, 10)
+      head_len = Integer(head_len, 10)
+      body_len = Integer(body_len, 10)
+      body_in_file = flags.include?("F")
+      start = end_of_line + 1
+      expected = start + head_len + (body_in_file ? 0 : body_len)
+      if expected != message.bytesize || ios.length != (body_in_file ? 2 : 1)
+        raise ProtocolError,
+              "#{message.bytesize} bytes and #{ios.length} fds do not match the Q line"
+      end
+
+      env, is_head, http11, client_close, client_keepalive =
+        environ(message.byteslice(start, head_len), body_len)
+      env["REMOTE_ADDR"] = raddr
+      env["REMOTE_PORT"] = rport
+      env["SERVER_NAME"] = saddr
+      env["SERVER_PORT"] = sport
+      env["rack.url_scheme"] = SCHEMES[scheme] || scheme
+      env["rack.input"] =
+        if body_in_file
+          BodyFile.new(ios[1], body_len)
+        else
+          StringIO.new(body_len.zero? ? EMPTY : message.byteslice(start + head_len, body_len))
+        end
+
+      # An upgrade request makes the connection the process's until its D, which closes it.
+      keep_alive = flags.include?("K") && !flags.include?("U") && !client_close &&
+                   (http11 || client_keepalive)
+      response = Response.new(
+        ClientConnection.new(ios[0]), seq, @progress, @date, @status_lines,
+        is_head, http11, client_keepalive, keep_alive
+      )
+      run_app(env, response)
+      response.keep_alive && response.finished
+    end
+
+    # Builds the env from the request head; also returns, for the response: is it HEAD, is it
+    # HTTP/1.1, did the client ask to close, did an HTTP/1.0 client ask for keep-alive.
+    def environ(head, body_len)
+      # Split on LF and strip CR from what matters: CRLF is standard, a bare LF costs nothing.
+      lines = head.split("\n")
+      method, target, version, extra = lines[0]&.split(" ")
+      if version.nil? || extra
+        raise ProtocolError, "unreadable request line #{lines[0].to_s[0, 80].inspect}"
+      end
+
+      env = @base_env.dup
+      env["REQUEST_METHOD"] = METHODS[method] || method
+      env["REQUEST_URI"] = target
+      env["SERVER_PROTOCOL"] = version
+      path, query = target.split("?", 2)
+      env["PATH_INFO"] = path_info(path)
+      env["QUERY_STRING"] = query || EMPTY
+
+      keys = @header_keys
+      i = 1
+      while (line = lines[i])
+        i += 1
+        colon = line.index(":")
+        next unless colon
+
+        name = line.byteslice(0, colon)
+        key = keys[name]
+        key = environ_key(name) if key.nil?
+        next if key.empty?
+
+        value = line.byteslice(colon + 1, line.bytesize - colon - 1)
+        value.strip! # in place: one String fewer per header
+        previous = env[key]
+        env[key] = previous ? "#{previous}#{key == "HTTP_COOKIE" ? "; " : ", "}#{value}" : value
+      end
+
+      # The core de-chunked the body; its length is body_len, whatever the head says.
+      chunked = env.delete("HTTP_TRANSFER_ENCODING")
+      if body_len.positive? || chunked || env.key?("CONTENT_LENGTH")
+        env["CONTENT_LENGTH"] = body_len.to_s
+      end
+
+      client_close = client_keepalive = false
+      connection = env["HTTP_CONNECTION"]
+      if connection
+        if connection.casecmp?("keep-alive")
+          client_keepalive = true
+        elsif connection.casecmp?("close")
+          client_close = true
+        else
+          tokens = connection.downcase.split(",").map(&:strip)
+          client_close = tokens.include?("close")
+          client_keepalive = tokens.include?("keep-alive")
+        end
+      end
+      [env, method == "HEAD", version == "HTTP/1.1", client_close, client_keepalive]
+    end
+
+    # PATH_INFO: the path as sent, not percent-decoded (the Rack SPEC), without the base URI.
+    def path_info(path)
+      if !path.start_with?("/") && path.include?("://")
+        # absolute-form ("http://host/path"): keep only the path.
+        path = "/#{path.split("://", 2)[1].partition("/")[2]}"
+      end
+      base = @base_path
+      if !base.empty? && path.start_with?(base) &&
+         (path.bytesize == base.bytesize || path.getbyte(base.bytesize) == SLASH)
+        return path.byteslice(base.bytesize, path.bytesize - base.bytesize)
+      end
+
+      path
+    end
+
+    # The env key for a request header name, or "" to drop the header.
+    def environ_key(name)
+      key = EMPTY
+      # Names with "_" would collide with the "-" spelling once mapped (header smuggling), and
+      # whitespace in a name is never valid; nginx and gunicorn drop both too.
+      unless name.empty? || name.match?(/[_ \t\r]/)
+        key = name.upcase.tr("-", "_")
+        key = "HTTP_#{key}" unless key == "CONTENT_TYPE" || key == "CONTENT_LENGTH"
+        key = -key
+      end
+      @header_keys[name] = key if @header_keys.size < MAX_CACHED_HEADER_NAMES
+      key
+    end
+
+    # Calls the app and sends what it returns; errors become a 500 page or a closed connection,
+    # and the body's close is always called.
+    def run_app(env, response)
+      status, headers, body = @app.call(env)
+      begin
+        response.start(status, headers)
+        send_body(body, response)
+      ensure
+        body.close if body.respond_to?(:close)
+      end
+    rescue StandardError, ScriptError, SystemStackError => e
+      app_failed(e, env, response)
+    end
+
+    # Sends the app's body, taking the cheapest path its type allows.
+    def send_body(body, response)
+      # The hot path: the whole body is known, so one write carries headers and body.
+      return response.send_whole(join(body)) if body.instance_of?(Array)
+      return if body.respond_to?(:to_path) && response.send_file(body.to_path)
+
+      if body.respond_to?(:each)
+        # Rack 3 lets a server take an enumerable body whole; Rack 2 bodies wrapping an Array
+        # (BodyProxy) forward to_ary to it.
+        if body.respond_to?(:to_ary) && (array = body.to_ary).instance_of?(Array)
+          return response.send_whole(join(array))
+        end
+
+        body.each do |chunk|
+          response.write(chunk)
+          break if response.bodiless && response.headers_sent # the rest would be thrown away
+        end
+      elsif body.respond_to?(:call)
+        body.call(StreamBody.new(response))
+      else
+        raise TypeError, "the response body, a #{body.class}, responds to neither each nor call"
+      end
+      response.finish
+    end
+
+    # An Array body as one String.
+    def join(array)
+      return EMPTY if array.empty?
+
+      array.each do |chunk|
+        next if chunk.is_a?(String)
+
+        raise TypeError, "body chunks must be Strings, not #{chunk.class}"
+      end
+      return array[0] if array.length == 1
+
+      begin
+        array.join
+      rescue Encoding::CompatibilityError
+        array.map(&:b).join
+      end
+    end
+
+    # Answers 500 when nothing was sent yet; otherwise the connection must close.
+    def app_failed(exc, env, response)
+      if exc.is_a?(ClientDisconnected)
+        response.keep_alive = false
+        return
+      end
+      request = "#{env["REQUEST_METHOD"]} #{env["REQUEST_URI"]}"
+      text = exc.full_message(highlight: false, order: :top)
+      AppManager.log("error in request #{response.seq} (#{request}):\n#{text}")
+      if response.headers_sent
+        response.keep_alive = false unless response.finished
+        return
+      end
+      begin
+        response.start(500, { "Content-Type" => "text/html; charset=utf-8" })
+        response.send_whole(error_page(text))
+      rescue ClientDisconnected
+        response.keep_alive = false
+      end
+    end
+
+    # The 500 page; the backtrace only in development, where it helps more than it leaks.
+    def error_page(text)
+      detail =
+        if @development
+          "<pre>#{text.gsub("&", "&amp;").gsub("<", "&lt;").gsub(">", "&gt;")}</pre>"
+        else
+          "<p>The application failed to answer this request.</p>"
+        end
+      "<!DOCTYPE html><html><head><title>500 Internal Server Error</title></head>" \
+        "<body><h1>Internal Server Error</h1>#{detail}</body></html>\n"
+    end
+
+    private
+
+    # The descriptors in a message's SCM_RIGHTS ancillary data, in order, as IOs; Ruby receives
+    # them close-on-exec (MSG_CMSG_CLOEXEC), so subprocesses of the app never hold clients.
+    def received_ios(controls)
+      ios = []
+      controls.each { |data| ios.concat(data.unix_rights || []) if data.cmsg_is?(:SOCKET, :RIGHTS) }
+      ios
+    end
+  end
+
+  # Runs the handshake, then serves until the core closes the control channel.
+  def main
+    parent_pid = Process.ppid
+    # The core handles Ctrl-C for the whole process group and stops us with EOF or TERM.
+    Signal.trap("INT", "IGNORE")
+    # Pipes to the core: each line must reach it when written, not when a buffer fills.
+    $stdout.sync = true
+    $stderr.sync = true
+
+    control_fd = Integer(ENV.fetch("APPMANAGER_CONTROL_FD", "3"), 10)
+    progress_fd = Integer(ENV.fetch("APPMANAGER_PROGRESS_FD", "4"), 10)
+    begin
+      control = Socket.for_fd(control_fd)
+      control.autoclose = false
+    rescue SystemCallError, ArgumentError => e
+      log("fd #{control_fd} is not a control channel (#{e.message}); appmanager runs this file")
+      return 2
+    end
+
+    step = "PREPARE"
+    begin
+      config = SpawnConfig.from_message(control.recv(MAX_MESSAGE))
+      progress = prepare(config, control, progress_fd, parent_pid)
+      step = "LOAD_APP"
+      app = load_app(config)
+      step = "LISTEN"
+      worker = Worker.new(control, progress, app, config)
+      worker.listen
+    rescue Exception => e # exit and SyntaxError from config.ru are a failed LOAD_APP too
+      begin
+        send_message(control, "ERROR", failure_message(step, e))
+      rescue SystemCallError, IOError
+        $stderr.write(e.full_message(highlight: false))
+      end
+      return 1
+    end
+    begin
+      ready = { "pid" => Process.pid, "concurrency" => 1, "protocol" => PROTOCOL }
+      send_message(control, "READY", ready)
+    rescue SystemCallError, IOError => e
+      log("the core went away before READY: #{e.message}")
+      return 1
+    end
+    worker.serve
+    0
+  end
+end
+
+exit(AppManager.main) if $PROGRAM_NAME == __FILE__
