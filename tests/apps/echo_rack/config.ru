@@ -179,6 +179,7 @@ module EchoRack
       text("finished")
     end,
     "/app/pid" => ->(_env) { text(Process.pid.to_s) },
+    "/app/env" => ->(env) { text(ENV.fetch(env["QUERY_STRING"], "")) },
     "/app/print" => lambda do |env|
       puts "hello from the app's stdout"
       warn "and its stderr"
