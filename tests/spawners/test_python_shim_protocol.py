@@ -1,33 +1,24 @@
 """The Python shim driven over its real protocols (docs/protocol/spawn.md, handoff.md).
 
-The test plays the core: it starts the shim with the control channel on fd 3 and the progress file
-on fd 4, does the handshake, and hands it real loopback TCP connections by SCM_RIGHTS. The client's
-end reads the response the shim writes straight to it.
+The test plays the core (python_shim.py): it starts the shim with the control channel on fd 3 and
+the progress file on fd 4, does the handshake, and hands it real loopback TCP connections by
+SCM_RIGHTS. The client's end reads the response the shim writes straight to it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import os
-import select
 import signal
 import socket
-import struct
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-SHIM = Path(__file__).resolve().parents[2] / "spawners" / "python" / "appmanager_python.py"
-TIMEOUT = 10.0
+from python_shim import TIMEOUT, Shim, http_head, parse_response, spawner, start_shim
 
 ECHO_APP = textwrap.dedent(
     '''
@@ -264,303 +255,10 @@ ECHO_APP = textwrap.dedent(
 )
 
 
-@dataclass
-class HTTPResponse:
-    """A response as the client read it, the body de-chunked."""
-
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    chunked: bool
-
-    def header(self, name: str) -> str | None:
-        values = [v for n, v in self.headers if n.lower() == name.lower()]
-        assert len(values) <= 1, f"{name} sent {len(values)} times"
-        return values[0] if values else None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class Result:
-    """What one request produced: the shim's D reply and the response the client read."""
-
-    done: str
-    response: HTTPResponse
-    raw: bytes
-
-
-def parse_response(raw: bytes, *, head_request: bool = False) -> tuple[HTTPResponse, bytes]:
-    """Parses one response off the front of ``raw``; returns it and the bytes after it."""
-    head, sep, rest = raw.partition(b"\r\n\r\n")
-    assert sep, f"no complete response head in {raw[:200]!r}"
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    version, code, reason = status_line.split(" ", 2)
-    assert version == "HTTP/1.1"
-    headers = [(n, v.strip()) for n, _, v in (line.partition(":") for line in lines)]
-    response = HTTPResponse(int(code), reason, headers, b"", False)
-    if head_request or response.status in (204, 304) or response.status < 200:
-        return response, rest
-    if (response.header("Transfer-Encoding") or "").lower() == "chunked":
-        response.chunked = True
-        body = bytearray()
-        while True:
-            size_line, sep, rest = rest.partition(b"\r\n")
-            assert sep, "chunked body cut short"
-            size = int(size_line, 16)
-            body += rest[:size]
-            assert rest[size : size + 2] == b"\r\n"
-            rest = rest[size + 2 :]
-            if size == 0:
-                break
-        response.body = bytes(body)
-        return response, rest
-    length = response.header("Content-Length")
-    if length is not None:
-        assert len(rest) >= int(length), "body shorter than Content-Length"
-        response.body = rest[: int(length)]
-        return response, rest[int(length) :]
-    response.body = rest  # delimited by the end of the connection
-    return response, b""
-
-
-def http_head(
-    target: str = "/",
-    *headers: tuple[str, str],
-    method: str = "GET",
-    version: str = "HTTP/1.1",
-) -> bytes:
-    """A request head as a client would send it."""
-    lines = [f"{method} {target} {version}", "Host: example.test:8080"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-class Connection:
-    """A loopback TCP connection: the client's end, and the core's end that goes to the shim."""
-
-    def __init__(self, listener: socket.socket) -> None:
-        self.client = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
-        self.server, _ = listener.accept()
-        # As the core's: non-blocking, which the shim must never change.
-        self.server.setblocking(False)
-        self.received = bytearray()
-
-    def pump(self) -> None:
-        """Takes what the client can read now."""
-        # select, not MSG_DONTWAIT: a socket in timeout mode polls before every recv.
-        while select.select([self.client], [], [], 0)[0]:
-            data = self.client.recv(1 << 20)
-            if not data:
-                return
-            self.received += data
-
-    def finish(self) -> bytes:
-        """Closes the core's end and reads the client's end to EOF."""
-        self.server.close()
-        while data := self.client.recv(1 << 20):
-            self.received += data
-        self.client.close()
-        return bytes(self.received)
-
-    def reset_by_client(self) -> None:
-        """The client goes away with an RST, as a browser closing a tab might."""
-        self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.client.close()
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.close()
-
-
-@dataclass
-class Shim:
-    """A running shim process and the core's ends of its channels."""
-
-    process: subprocess.Popen[bytes]
-    control: socket.socket
-    progress_path: Path
-    log_path: Path
-    listener: socket.socket
-    seq: int = 0
-    connections: list[Connection] = field(default_factory=list)
-
-    def handshake(self, **overrides: Any) -> tuple[str, dict[str, Any]]:
-        """Sends SPAWN; returns the answer's tag and payload."""
-        config = {"protocol": 1, "app_type": "wsgi", "callables": ["application", "app"]}
-        config.update(overrides)
-        self.control.send(b"SPAWN " + json.dumps(config).encode())
-        tag, _, payload = self.control.recv(1 << 20).partition(b" ")
-        return tag.decode(), json.loads(payload)
-
-    def connect(self) -> Connection:
-        connection = Connection(self.listener)
-        self.connections.append(connection)
-        return connection
-
-    def send(
-        self,
-        connection: Connection,
-        head: bytes,
-        body: bytes = b"",
-        *,
-        flags: str = "K",
-        body_file: Path | None = None,
-        scheme: str = "http",
-    ) -> str:
-        """Hands one request to the shim; returns its D reply once the response is written."""
-        self.seq += 1
-        fds = [connection.server.fileno()]
-        inline = body
-        if body_file is not None:
-            flags = flags.replace("-", "") + "F"
-            body_fd = os.open(body_file, os.O_RDWR)
-            # Like the core after writing it: the shared offset is at the end, not at 0.
-            os.lseek(body_fd, 0, os.SEEK_END)
-            fds.append(body_fd)
-            inline = b""
-        line = (
-            f"Q {self.seq} {flags or '-'} 192.0.2.7 54321 127.0.0.1 8000 {scheme} "
-            f"{len(head)} {len(body)}\n"
-        ).encode()
-        try:
-            socket.send_fds(self.control, [line + head + inline], fds)
-            done = self.wait_done(connection)
-            if body_file is not None:
-                assert os.lseek(fds[1], 0, os.SEEK_CUR) == body_file.stat().st_size
-        finally:
-            if body_file is not None:
-                os.close(fds[1])
-        return done
-
-    def wait_done(self, connection: Connection) -> str:
-        """Reads the client's end while waiting for the D reply, so big responses cannot stall."""
-        deadline = time.monotonic() + TIMEOUT
-        readable = [self.control]
-        if connection.client.fileno() != -1:
-            readable.append(connection.client)
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select(readable, [], [], 0.5)
-            if connection.client in ready:
-                connection.pump()
-            if self.control in ready:
-                return self.control.recv(1 << 16).decode()
-        raise AssertionError(f"no D reply within {TIMEOUT} s; log:\n{self.log()}")
-
-    def request(
-        self,
-        head: bytes,
-        body: bytes = b"",
-        *,
-        flags: str = "K",
-        body_file: Path | None = None,
-        scheme: str = "http",
-    ) -> Result:
-        """One request on a fresh connection; the response is read after the core's end closes."""
-        connection = self.connect()
-        done = self.send(connection, head, body, flags=flags, body_file=body_file, scheme=scheme)
-        raw = connection.finish()
-        head_request = head.startswith(b"HEAD ")
-        response, rest = parse_response(raw, head_request=head_request)
-        assert rest == b"", f"bytes after the response: {rest[:100]!r}"
-        return Result(done, response, raw)
-
-    def progress(self) -> int:
-        value: int = struct.unpack("<Q", self.progress_path.read_bytes()[:8])[0]
-        return value
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        for connection in self.connections:
-            connection.close()
-        self.control.close()
-        self.listener.close()
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(TIMEOUT)
-
-
-def start_shim(directory: Path) -> Shim:
-    """Starts the shim the way the core does: fds 3 and 4, its own session, app root as cwd."""
-    core_end, shim_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    # The core raises its send buffer so that a 256 KiB inline body fits in one message.
-    core_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    progress_path = directory / "progress"
-    progress_path.write_bytes(bytes(8))
-    progress_fd = os.open(progress_path, os.O_RDWR | os.O_CLOEXEC)
-    log_path = directory / "shim.log"
-    control_fd = shim_end.fileno()
-
-    def channels_on_3_and_4() -> None:
-        # Copies above 4 first, so that neither dup2 overwrites the other's source.
-        control_copy = fcntl.fcntl(control_fd, fcntl.F_DUPFD_CLOEXEC, 10)
-        progress_copy = fcntl.fcntl(progress_fd, fcntl.F_DUPFD_CLOEXEC, 10)
-        os.dup2(control_copy, 3)
-        os.dup2(progress_copy, 4)
-        # What close_fds would do, had it not closed 3 and 4 as well: the shim gets 0 to 4 only.
-        for name in os.listdir("/proc/self/fd"):
-            if int(name) > 4:
-                try:
-                    os.set_inheritable(int(name), False)
-                except OSError:
-                    pass  # the listing's own descriptor, closed by now
-
-    env = {key: value for key, value in os.environ.items() if not key.startswith("APPMANAGER_")}
-    env.update(
-        APPMANAGER_CONTROL_FD="3",
-        APPMANAGER_PROGRESS_FD="4",
-        APPMANAGER_ENV="production",
-        WSGI_ENV="production",
-        PYTHONUNBUFFERED="1",
-    )
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(SHIM)],
-            cwd=directory,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # close_fds would close 3 and 4 after preexec_fn, so preexec_fn does its work.
-            close_fds=False,
-            preexec_fn=channels_on_3_and_4,
-            start_new_session=True,
-        )
-    shim_end.close()
-    os.close(progress_fd)
-    core_end.settimeout(TIMEOUT)
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(TIMEOUT)
-    return Shim(process, core_end, progress_path, log_path, listener)
-
-
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Any]:
     """Starts shims on app files written under tmp_path; stops every one of them afterwards."""
-    shims: list[Shim] = []
-
-    def spawn(
-        files: dict[str, str], startup: str, **config: Any
-    ) -> tuple[Shim, str, dict[str, Any]]:
-        root = tmp_path / f"app{len(shims)}"
-        for name, text in files.items():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_text(textwrap.dedent(text))
-        shim = start_shim(root)
-        shims.append(shim)
-        config = {"app_root": str(root), "startup_file": str(root / startup), **config}
-        tag, payload = shim.handshake(**config)
-        return shim, tag, payload
-
-    try:
-        yield spawn
-    finally:
-        for shim in shims:
-            shim.stop()
+    yield from spawner(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -589,7 +287,12 @@ def mode(name: str, *headers: tuple[str, str], **kwargs: Any) -> bytes:
 def test_ready_names_the_pid_and_concurrency(spawn: Any) -> None:
     shim, tag, payload = spawn({"passenger_wsgi.py": ECHO_APP}, "passenger_wsgi.py")
     assert tag == "READY"
-    assert payload == {"pid": shim.process.pid, "concurrency": 1, "protocol": 1}
+    assert payload == {
+        "pid": shim.process.pid,
+        "concurrency": 1,
+        "protocol": 1,
+        "app_type": "wsgi",
+    }
 
 
 def test_import_error_fails_load_app_with_the_traceback(spawn: Any) -> None:
