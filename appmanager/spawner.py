@@ -130,7 +130,7 @@ def _spawn_message(group: Group) -> dict[str, Any]:
     return {
         "protocol": PROTOCOL_VERSION,
         "app_root": spec.root,
-        "app_type": "wsgi" if spec.app_type == "python" else spec.app_type,
+        "app_type": spec.app_type,
         "startup_file": spec.startup_file,
         "callables": list(spec.callables),
         "environment": group.settings["environment"],
