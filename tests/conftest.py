@@ -266,7 +266,11 @@ def no_leaked_processes() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 5
     while True:
-        new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        new = [
+            p
+            for p in psutil.Process().children(recursive=True)
+            if p.pid not in before and not _descends_from(p, before)
+        ]
         left = [p for p in new if _alive(p)]
         if not left or time.monotonic() > deadline:
             break
@@ -281,6 +285,15 @@ def no_leaked_processes() -> Iterator[None]:
         except (psutil.Error, ChildProcessError):
             pass
     assert not left, f"processes left behind: {described}"
+
+
+def _descends_from(p: psutil.Process, pids: set[int]) -> bool:
+    """Is ``p`` a child of a process that was already running (a server shared by a module,
+    which may replace its app processes during a test)?"""
+    try:
+        return any(parent.pid in pids for parent in p.parents())
+    except psutil.Error:
+        return False
 
 
 def _alive(p: psutil.Process) -> bool:

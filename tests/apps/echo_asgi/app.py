@@ -75,9 +75,34 @@ async def read_body(receive):
             return pieces, flags
 
 
+async def conformance(scope, receive, send):
+    """The answer every language's echo app gives at /conformance, for the shared suite."""
+    pieces, _ = await read_body(receive)
+    body = b"".join(pieces)
+    headers = {}
+    for name, value in scope["headers"]:
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    out = json.dumps(
+        {
+            "method": scope["method"],
+            "path": scope["path"][len(scope["root_path"]) :],
+            "query": scope["query_string"].decode("latin-1"),
+            "headers": headers,
+            "body_len": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+        }
+    ).encode()
+    await respond(send, out, b"application/json")
+
+
 async def http(scope, receive, send):
     path = scope["path"][len(scope["root_path"]) :]
     query = scope["query_string"].decode()
+    if path == "/conformance":
+        await conformance(scope, receive, send)
+        return
     if path == "/app/stream":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for i in range(3):

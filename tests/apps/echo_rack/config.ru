@@ -81,10 +81,30 @@ module EchoRack
   end
 
   def call(env)
+    return conformance(env) if env["PATH_INFO"] == "/conformance"
+
     route = ROUTES[env["PATH_INFO"]]
     return route.call(env) if route
 
     echo(env)
+  end
+
+  # The answer every language's echo app gives at /conformance, for the shared suite.
+  def conformance(env)
+    body = env["rack.input"].read
+    headers = {}
+    env.each do |key, value|
+      headers[key[5..].downcase.tr("_", "-")] = latin1(value) if key.start_with?("HTTP_")
+    end
+    %w[CONTENT_TYPE CONTENT_LENGTH].each do |key|
+      headers[key.downcase.tr("_", "-")] = env[key] if env[key] && !env[key].empty?
+    end
+    out = JSON.generate(
+      "method" => env["REQUEST_METHOD"], "path" => env["PATH_INFO"],
+      "query" => env["QUERY_STRING"], "headers" => headers,
+      "body_len" => body.bytesize, "body_sha256" => Digest::SHA256.hexdigest(body)
+    )
+    [200, { "Content-Type" => "application/json", "Content-Length" => out.bytesize.to_s }, [out]]
   end
 
   # The request body, read the way the X-Read header asks, and what a read after it gives.

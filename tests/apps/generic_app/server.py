@@ -29,6 +29,22 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path.startswith("/app/sleep"):
             time.sleep(float(self.path.partition("?")[2] or "1"))
+        if self.path.split("?")[0] == "/conformance":
+            path, _, query = self.path.partition("?")
+            headers: dict[str, str] = {}
+            for name, value in self.headers.items():
+                key = name.lower()
+                headers[key] = f"{headers[key]}, {value}" if key in headers else value
+            out = {
+                "method": self.command,
+                "path": path,
+                "query": query,
+                "headers": headers,
+                "body_len": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+            }
+            self._reply(200, json.dumps(out).encode())
+            return
         if self.path.startswith("/app/stream"):
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
@@ -50,7 +66,7 @@ class Handler(BaseHTTPRequestHandler):
         }
         self._reply(200, json.dumps(data).encode())
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _echo
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _echo
 
     def log_message(self, format: str, *args: object) -> None:
         sys.stderr.write("generic app: " + format % args + "\n")

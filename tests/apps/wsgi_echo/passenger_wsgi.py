@@ -27,8 +27,39 @@ class Closing:
                 f.write("closed\n")
 
 
+def conformance(environ, start_response):
+    """The answer every language's echo app gives at /conformance, for the shared suite."""
+    import hashlib
+
+    body = environ["wsgi.input"].read()
+    headers = {
+        key[5:].lower().replace("_", "-"): value
+        for key, value in environ.items()
+        if key.startswith("HTTP_")
+    }
+    for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if environ.get(key):
+            headers[key.lower().replace("_", "-")] = environ[key]
+    out = json.dumps(
+        {
+            "method": environ["REQUEST_METHOD"],
+            "path": environ["PATH_INFO"],
+            "query": environ.get("QUERY_STRING", ""),
+            "headers": headers,
+            "body_len": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+        }
+    ).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(out)))]
+    )
+    return [out]
+
+
 def application(environ, start_response):
     path = environ["PATH_INFO"]
+    if path == "/conformance":
+        return conformance(environ, start_response)
     if path == "/app/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return (f"line {i}\n".encode() for i in range(3))
