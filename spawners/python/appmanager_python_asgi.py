@@ -63,6 +63,11 @@ ClientDisconnected = handoff.ClientDisconnected
 ProtocolError = handoff.ProtocolError
 log = handoff.log
 _pack_seq = handoff.pack_seq
+# Bound once: module attribute lookups add up on the per-request path.
+_ANCILLARY_SIZE = handoff.ANCILLARY_SIZE
+_RECV_FLAGS = handoff.RECV_FLAGS
+_received_fds = handoff.received_fds
+_read_request = handoff.read_request
 
 _STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
@@ -832,7 +837,7 @@ class Worker:
         while drain or taken < MAX_BATCH:
             try:
                 nbytes, ancdata, msg_flags, _ = control.recvmsg_into(
-                    [buffer], handoff.ANCILLARY_SIZE, handoff.RECV_FLAGS
+                    [buffer], _ANCILLARY_SIZE, _RECV_FLAGS
                 )
             except BlockingIOError:
                 return
@@ -843,12 +848,12 @@ class Worker:
                 self.stop()
                 return
             taken += 1
-            self.take(nbytes, msg_flags, handoff.received_fds(ancdata))
+            self.take(nbytes, msg_flags, _received_fds(ancdata))
 
     def take(self, nbytes: int, msg_flags: int, fds: list[int]) -> None:
         """Starts serving one ``Q`` message; a message it cannot read is answered ``D c``."""
         try:
-            request = handoff.read_request(self.buffer, self.view, nbytes, msg_flags, len(fds))
+            request = _read_request(self.buffer, self.view, nbytes, msg_flags, len(fds))
             cycle = self.cycle(request, fds)
         except Exception as exc:
             for fd in fds:

@@ -48,6 +48,11 @@ ClientDisconnected = handoff.ClientDisconnected
 ProtocolError = handoff.ProtocolError
 log = handoff.log
 _pack_seq = handoff.pack_seq
+# Bound once: module attribute lookups add up on the per-request path.
+_ANCILLARY_SIZE = handoff.ANCILLARY_SIZE
+_RECV_FLAGS = handoff.RECV_FLAGS
+_received_fds = handoff.received_fds
+_read_request = handoff.read_request
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 _SCHEMES = {b"http": "http", b"https": "https"}
@@ -501,12 +506,12 @@ class Worker:
                 if self.stopping:
                     return
                 nbytes, ancdata, msg_flags, _ = self.control.recvmsg_into(
-                    [self.buffer], handoff.ANCILLARY_SIZE, handoff.RECV_FLAGS
+                    [self.buffer], _ANCILLARY_SIZE, _RECV_FLAGS
                 )
                 self.idle = False
                 if nbytes == 0:
                     return
-                fds = handoff.received_fds(ancdata)
+                fds = _received_fds(ancdata)
                 try:
                     reply = self.handle(nbytes, msg_flags, fds)
                 finally:
@@ -535,7 +540,7 @@ class Worker:
     def handle(self, nbytes: int, msg_flags: int, fds: list[int]) -> bytes:
         """Serves one ``Q`` message; returns the ``D`` reply, or b"" when it has no ``seq``."""
         try:
-            request = handoff.read_request(self.buffer, self.view, nbytes, msg_flags, len(fds))
+            request = _read_request(self.buffer, self.view, nbytes, msg_flags, len(fds))
         except ProtocolError as exc:
             seq = handoff.request_seq(self.view, nbytes)
             if seq is None:
