@@ -1,4 +1,4 @@
-"""The servers a benchmark compares: how to start each, find its core, and stop it.
+"""The servers the benchmarks compare: how to start each, find its core, and stop it.
 
 Every peer is started in its own session (so a Ctrl-C in the terminal reaches only the benchmark
 script, which then stops the peers itself) and listens on a free loopback port. `Peer.stop()` is
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -90,7 +91,10 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
 
 
 class Peer(ABC):
-    """One server under test, serving the hello-world app with 2 app processes."""
+    """One server under test, serving the hello-world app with 2 app processes.
+
+    `note` may be given per instance (what differs for the app's language); else the class's.
+    """
 
     name: str = ""
     #: What the table prints next to the figures (caveats of the comparison).
@@ -100,11 +104,12 @@ class Peer(ABC):
     #: Whether a core sits between the clients and the app processes (False: nothing to measure).
     has_core: bool = True
 
-    def __init__(self, app_dir: Path, work_dir: Path, python: str) -> None:
+    def __init__(self, app_dir: Path, work_dir: Path, note: str | None = None) -> None:
         self.app_dir = app_dir
         self.work_dir = work_dir / self.name
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.python = python
+        if note is not None:
+            self.note = note
         self.host = "127.0.0.1"
         self.port = free_port()
         self.log_path = self.work_dir / "server.log"
@@ -239,9 +244,17 @@ class AppManagerPeer(ForegroundPeer):
         "and are not counted"
     )
 
-    def __init__(self, app_dir: Path, work_dir: Path, python: str, base_cmd: list[str]) -> None:
-        super().__init__(app_dir, work_dir, python)
+    def __init__(
+        self,
+        app_dir: Path,
+        work_dir: Path,
+        base_cmd: list[str],
+        extra_args: Sequence[str] = (),
+        note: str | None = None,
+    ) -> None:
+        super().__init__(app_dir, work_dir, note)
         self.base_cmd = base_cmd
+        self.extra_args = list(extra_args)  # e.g. ["--ruby", "/usr/bin/ruby"]
         self.instance_dir = self.work_dir / "instance"
 
     def command(self) -> list[str]:
@@ -260,6 +273,7 @@ class AppManagerPeer(ForegroundPeer):
             "2",
             "--instance-dir",
             str(self.instance_dir),
+            *self.extra_args,
         ]
 
     def start(self) -> None:
@@ -305,6 +319,147 @@ class GunicornPeer(ForegroundPeer):
         return []
 
 
+class PumaPeer(ForegroundPeer):
+    """puma in cluster mode, 2 workers of 1 thread each: no core in the data path."""
+
+    name = "puma"
+    note = "2 workers × 1 thread; keep-alive, but closes a connection after 10 requests when busy"
+    core_description = (
+        "none: clients connect to the workers directly (the master only supervises them)"
+    )
+    has_core = False
+
+    def __init__(self, app_dir: Path, work_dir: Path, ruby: str) -> None:
+        super().__init__(app_dir, work_dir)
+        self.ruby = ruby
+
+    def command(self) -> list[str]:
+        """`puma -b tcp://127.0.0.1:P -w 2 -t 1:1 -e production config.ru`, run by `ruby`."""
+        return [
+            self.ruby,
+            which_or_fail("puma"),
+            "-b",
+            f"tcp://{self.host}:{self.port}",
+            "-w",
+            "2",
+            "-t",
+            "1:1",
+            "-e",
+            "production",
+            "config.ru",
+        ]
+
+    def core_processes(self) -> list[psutil.Process]:
+        """puma has no core between client and workers."""
+        return []
+
+
+class UnicornPeer(ForegroundPeer):
+    """unicorn with `worker_processes 2`: no core in the data path, no keep-alive."""
+
+    name = "unicorn"
+    note = "closes every connection (`Connection: close`: a new TCP connection per request)"
+    core_description = (
+        "none: clients connect to the workers directly (the master only supervises them)"
+    )
+    has_core = False
+
+    def __init__(self, app_dir: Path, work_dir: Path, ruby: str) -> None:
+        super().__init__(app_dir, work_dir)
+        self.ruby = ruby
+        self.config_file = self.work_dir / "unicorn.conf.rb"
+
+    def command(self) -> list[str]:
+        """`unicorn -l 127.0.0.1:P -E production -c CONF config.ru`, run by `ruby`."""
+        return [
+            self.ruby,
+            which_or_fail("unicorn"),
+            "-l",
+            f"{self.host}:{self.port}",
+            "-E",
+            "production",
+            "-c",
+            str(self.config_file),
+            "config.ru",
+        ]
+
+    def start(self) -> None:
+        """Write the config file (2 workers), then start the master."""
+        self.config_file.write_text("worker_processes 2\n")
+        super().start()
+
+    def core_processes(self) -> list[psutil.Process]:
+        """unicorn has no core between client and workers."""
+        return []
+
+
+class NodeClusterPeer(ForegroundPeer):
+    """The app under Node's cluster module, 2 workers sharing one port: the bare baseline."""
+
+    name = "cluster"
+    note = "node cluster.js: 2 workers share the port; keep-alive"
+    core_description = (
+        "none: the primary accepts each connection and hands it to a worker (round-robin, "
+        "once per connection); requests go to the workers only"
+    )
+    has_core = False
+
+    def __init__(self, app_dir: Path, work_dir: Path, nodejs: str) -> None:
+        super().__init__(app_dir, work_dir)
+        self.nodejs = nodejs
+
+    def command(self) -> list[str]:
+        """`node cluster.js` (PORT and WORKERS=2 come in the environment)."""
+        return [self.nodejs, "cluster.js"]
+
+    def describe_command(self) -> str:
+        """The start command with its environment, for reports."""
+        return f"PORT={self.port} WORKERS=2 {shlex.join(self.command())}"
+
+    def spawn_env(self) -> dict[str, str] | None:
+        """The port and the number of workers."""
+        return dict(os.environ, PORT=str(self.port), WORKERS="2", NODE_ENV="production")
+
+    def core_processes(self) -> list[psutil.Process]:
+        """The cluster's primary is no core: it never sees a request."""
+        return []
+
+
+class UvicornPeer(ForegroundPeer):
+    """uvicorn with 2 worker processes (uvloop and httptools when installed), access log off."""
+
+    name = "uvicorn"
+    note = "2 workers; keep-alive; access log off"
+    core_description = (
+        "none: clients connect to the workers directly (the parent only supervises them)"
+    )
+    has_core = False
+
+    def __init__(self, app_dir: Path, work_dir: Path, python: str) -> None:
+        super().__init__(app_dir, work_dir)
+        self.python = python
+
+    def command(self) -> list[str]:
+        """`python -m uvicorn --host 127.0.0.1 --port P --workers 2 --no-access-log app:app`."""
+        return [
+            self.python,
+            "-m",
+            "uvicorn",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--workers",
+            "2",
+            "--no-access-log",
+            "app:app",
+        ]
+
+    def core_processes(self) -> list[psutil.Process]:
+        """uvicorn has no core between client and workers."""
+        return []
+
+
 class PassengerPeer(Peer):
     """Phusion Passenger standalone, builtin engine, daemonized into a private temp dir."""
 
@@ -316,8 +471,15 @@ class PassengerPeer(Peer):
         "processes are not counted"
     )
 
-    def __init__(self, app_dir: Path, work_dir: Path, python: str) -> None:
-        super().__init__(app_dir, work_dir, python)
+    def __init__(
+        self,
+        app_dir: Path,
+        work_dir: Path,
+        interpreter_args: Sequence[str],
+        note: str | None = None,
+    ) -> None:
+        super().__init__(app_dir, work_dir, note)
+        self.interpreter_args = list(interpreter_args)  # e.g. ["--python", "/usr/bin/python3"]
         self.pid_file = self.work_dir / "passenger.pid"
         self.registry_dir = self.work_dir / "registry"
         self.tmp_dir = self.work_dir / "tmp"
@@ -348,8 +510,7 @@ class PassengerPeer(Peer):
             "2",
             "--environment",
             "production",
-            "--python",
-            self.python,
+            *self.interpreter_args,
         ]
 
     def start(self) -> None:
