@@ -163,7 +163,7 @@ class Peer(ABC):
         last_error = "no answer yet"
         while time.monotonic() < deadline:
             if not self.is_alive():
-                raise PeerStartError(self._failure("exited during start"))
+                raise PeerStartError(self._failure(f"exited during start{self._exit_note()}"))
             try:
                 status, body = http_get(self.host, self.port)
                 if status == 200 and body == EXPECTED_BODY:
@@ -176,6 +176,10 @@ class Peer(ABC):
             self._failure(f"did not serve {self.url} within {timeout:.0f} s ({last_error})")
         )
 
+    def _exit_note(self) -> str:
+        """How the main process ended, for a failure message ("" when unknown)."""
+        return ""
+
     def logs(self) -> tuple[Path, ...]:
         """The log files whose tails explain a failure."""
         return (self.log_path,)
@@ -185,7 +189,8 @@ class Peer(ABC):
         logs = logs or self.logs()
         tails = [tail(log) for log in logs]
         last_line = next((t.splitlines()[-1] for t in reversed(tails) if t.strip()), "")
-        return "\n".join([f"{self.name} {what}: {last_line.strip()}", *tails])
+        summary = f"{self.name} {what}" + (f": {last_line.strip()}" if last_line.strip() else "")
+        return "\n".join([summary, *tails])
 
 
 class ForegroundPeer(Peer):
@@ -210,6 +215,13 @@ class ForegroundPeer(Peer):
     def is_alive(self) -> bool:
         """Whether the main process still runs."""
         return self._popen is not None and self._popen.poll() is None
+
+    def _exit_note(self) -> str:
+        """The main process's exit status (or the signal that ended it)."""
+        rc = self._popen.poll() if self._popen is not None else None
+        if rc is None:
+            return ""
+        return f" (killed by signal {-rc})" if rc < 0 else f" (exit status {rc})"
 
     def main_pid(self) -> int | None:
         """Pid of the process this script started."""
