@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
 from typing import IO
 
 import httptools
@@ -33,21 +32,45 @@ class HttpError(Exception):
         self.reason = reason
 
 
-@dataclass
 class Request:
-    """One request, read whole: what the handoff message carries plus what routing needs."""
+    """One request, read whole: what the handoff message carries plus what routing needs.
 
-    head: bytes
-    method: bytes
-    path: bytes
-    host: bytes
-    keep_alive: bool
-    http11: bool
-    body: bytes = b""
-    body_file: IO[bytes] | None = None
-    body_len: int = 0
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    upgrade: bool = False
+    Lives from the moment its head is parsed until it is handed to a process (or answered).
+    """
+
+    __slots__ = (
+        "head",
+        "method",
+        "path",
+        "host",
+        "keep_alive",
+        "http11",
+        "upgrade",
+        "body",
+        "body_file",
+        "body_len",
+    )
+
+    def __init__(
+        self,
+        head: bytes,
+        method: bytes,
+        path: bytes,
+        host: bytes,
+        keep_alive: bool,
+        http11: bool,
+        upgrade: bool = False,
+    ) -> None:
+        self.head = head
+        self.method = method
+        self.path = path
+        self.host = host
+        self.keep_alive = keep_alive
+        self.http11 = http11
+        self.upgrade = upgrade
+        self.body = b""
+        self.body_file: IO[bytes] | None = None
+        self.body_len = 0
 
     def discard(self) -> None:
         """Release the body file, if any (the process has its own descriptor by then)."""
@@ -61,7 +84,6 @@ class _HeadCallbacks:
 
     __slots__ = (
         "url",
-        "headers",
         "content_length",
         "transfer_encoding",
         "expect",
@@ -72,7 +94,6 @@ class _HeadCallbacks:
 
     def __init__(self) -> None:
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: list[bytes] = []
         self.transfer_encoding: list[bytes] = []
         self.expect: bytes | None = None
@@ -84,14 +105,13 @@ class _HeadCallbacks:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
         lname = name.lower()
-        if lname == b"content-length":
+        if lname == b"host":
+            self.host = value
+        elif lname == b"content-length":
             self.content_length.append(value)
         elif lname == b"transfer-encoding":
             self.transfer_encoding.append(value)
-        elif lname == b"host":
-            self.host = value
         elif lname == b"expect":
             self.expect = value
         elif lname == b"connection":
@@ -103,6 +123,19 @@ class _HeadCallbacks:
 
 class RequestReader:
     """Reads one request from a growing buffer; ``feed`` is called each time bytes arrive."""
+
+    __slots__ = (
+        "_spool_dir",
+        "request",
+        "send_continue",
+        "_length",
+        "_chunked",
+        "_chunk_left",
+        "_chunk_state",
+        "_mem",
+        "_file",
+        "_received",
+    )
 
     def __init__(self, spool_dir: str | None) -> None:
         self._spool_dir = spool_dir
@@ -179,8 +212,9 @@ class RequestReader:
         start = 0
         # RFC 9112 2.2: ignore empty lines before a request line (some clients send them
         # after a POST body).
-        while buf.startswith(b"\r\n", start):
-            start += 2
+        if buf[:2] == b"\r\n":
+            while buf.startswith(b"\r\n", start):
+                start += 2
         end = buf.find(b"\r\n\r\n", start, start + MAX_HEAD + 4)
         if end < 0:
             if len(buf) - start > MAX_HEAD:
@@ -204,17 +238,13 @@ class RequestReader:
         http11 = parser.get_http_version() == "1.1"
         # httptools' should_keep_alive() is not reliable once the message is complete, so the
         # rule (RFC 9112 9.3) is applied here.
-        tokens = {t.strip() for t in callbacks.connection.split(b",")}
-        keep_alive = b"close" not in tokens if http11 else b"keep-alive" in tokens
+        if not callbacks.connection:
+            keep_alive = http11
+        else:
+            tokens = {t.strip() for t in callbacks.connection.split(b",")}
+            keep_alive = b"close" not in tokens if http11 else b"keep-alive" in tokens
         self.request = Request(
-            head=head,
-            method=parser.get_method(),
-            path=callbacks.url,
-            host=callbacks.host,
-            keep_alive=keep_alive,
-            http11=http11,
-            headers=callbacks.headers,
-            upgrade=upgrade,
+            head, parser.get_method(), callbacks.url, callbacks.host, keep_alive, http11, upgrade
         )
         if callbacks.transfer_encoding:
             self._chunked = True
