@@ -39,6 +39,33 @@ function echo(req, res) {
   });
 }
 
+// The answer every language's echo app gives at /conformance, for the shared suite. Node joins
+// repeated headers with ", " itself (except Set-Cookie, which a request does not carry).
+function conformance(req, res) {
+  const hash = crypto.createHash('sha256');
+  let length = 0;
+  req.on('data', (chunk) => {
+    hash.update(chunk);
+    length += chunk.length;
+  });
+  req.on('end', () => {
+    const [path, query = ''] = req.url.split(/\?(.*)/s);
+    const body = JSON.stringify({
+      method: req.method,
+      path,
+      query,
+      headers: req.headers,
+      body_len: length,
+      body_sha256: hash.digest('hex'),
+    });
+    res.writeHead(200, {
+      'Content-Type': 'application/json',
+      'Content-Length': Buffer.byteLength(body),
+    });
+    res.end(body);
+  });
+}
+
 function text(res, body, status = 200) {
   res.writeHead(status, {
     'Content-Type': 'text/plain',
@@ -125,7 +152,9 @@ const held = [];
 const server = http.createServer((req, res) => {
   const [path, query] = req.url.split('?', 2);
   const route = routes[path];
-  if (route === undefined) {
+  if (path === '/conformance') {
+    conformance(req, res);
+  } else if (route === undefined) {
     echo(req, res);
   } else {
     route(req, res, query);
