@@ -5,10 +5,10 @@
     python3 bench/all.py --write-docs --rounds 3
 
 Options other than --only go to every script unchanged (--duration, --rounds, --connections,
---warmup, --out, --appmanager-cmd, --write-docs, --keep-tmp). Each script runs in its own session;
-Ctrl-C or SIGTERM here is passed on to the one running (as SIGTERM), which stops its peers, and
-the rest are skipped. Exit status: the worst of the scripts' (0 all fine, 1 a peer failed, 2 a
-tool missing), or 130/143 when interrupted.
+--warmup, --out, --appmanager-cmd, --appmanager-rev, --write-docs, --keep-tmp). Each script runs
+in its own session; Ctrl-C or SIGTERM here is passed on to the one running (as SIGTERM), which
+stops its peers, and the rest are skipped. Exit status: the worst of the scripts' (0 all fine,
+1 a peer failed, 2 a tool missing), or 130/143 when interrupted.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ SHARED_OPTIONS = {
     "--connections": True,
     "--out": True,
     "--appmanager-cmd": True,
+    "--appmanager-rev": True,
     "--write-docs": False,
     "--keep-tmp": False,
 }

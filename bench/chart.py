@@ -97,7 +97,7 @@ def _bar(
             f"<circle cx='{center:.1f}' cy='{scale(point):.1f}' r='2.5' fill='#fff' "
             f"stroke='#222' stroke-width='1'/>"
         )
-    label_y = scale(max(bar.value, *bar.points)) - 7  # above the bar and its dots
+    label_y = scale(max([bar.value, *bar.points])) - 7  # above the bar and its dots
     parts.append(_text(center, label_y, fmt(bar.value), size=11, font_weight="bold"))
     return parts
 

@@ -15,6 +15,7 @@ A peer that fails to start is reported as failed; the others still run.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -212,10 +214,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, peer_names: Sequence[s
     parser.add_argument(
         "--peers", default=",".join(peer_names), help=f"comma-separated subset of {peer_names}"
     )
-    parser.add_argument(
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
         "--appmanager-cmd",
         default=None,
         help="command that runs the appmanager CLI [appmanager on PATH, else the checkout's]",
+    )
+    group.add_argument(
+        "--appmanager-rev",
+        default=None,
+        metavar="REV",
+        help="run appmanager as committed at REV (e.g. HEAD), not the working tree's",
     )
 
 
@@ -246,6 +255,29 @@ def parse_args(bench: Benchmark, argv: list[str] | None = None) -> argparse.Name
 def appmanager_cmd(args: argparse.Namespace) -> list[str]:
     """The command that runs the appmanager CLI: --appmanager-cmd, else the default."""
     return shlex.split(args.appmanager_cmd) if args.appmanager_cmd else default_appmanager_cmd()
+
+
+def checkout_snapshot(rev: str, dest: Path) -> list[str]:
+    """Export appmanager/ and spawners/ as committed at `rev` into `dest`, laid out as installed
+    (the shims under appmanager/spawners), and return the command that runs that CLI.
+
+    The working tree may hold other people's unfinished edits; a snapshot measures a known state.
+    """
+    archive = subprocess.run(
+        ["git", "-C", str(repo_root()), "archive", "--format=tar", rev, "appmanager", "spawners"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise SystemExit(f"--appmanager-rev {rev}: {archive.stderr.decode(errors='replace')}")
+    dest.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    shutil.copytree(dest / "spawners", dest / "appmanager" / "spawners")
+    # sys.path[0] puts the snapshot before any installed or editable appmanager.
+    code = f"import sys; sys.path.insert(0, {str(dest)!r}); from appmanager.cli import main; main()"
+    return [sys.executable, "-c", code]
 
 
 def make_peers(bench: Benchmark, args: argparse.Namespace, work_dir: Path) -> list[Peer]:
@@ -318,7 +350,7 @@ def measure(peer: Peer, round_no: int, args: argparse.Namespace) -> RoundResult:
         result.error = f"{wrk.non_2xx} non-2xx responses of {wrk.requests}"
     if cores and wrk.requests > 0:
         result.core_cpu_s = round(cpu_after - cpu_before, 3)
-        result.core_us_per_request = round(result.core_cpu_s / wrk.requests * 1e6, 2)
+        result.core_us_per_request = round((cpu_after - cpu_before) / wrk.requests * 1e6, 3)
     if opens_before is not None and opens_after is not None and wrk.requests > 0:
         result.new_connections = opens_after - opens_before
         result.connections_per_request = round(result.new_connections / wrk.requests, 4)
@@ -534,7 +566,12 @@ def machine_info(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    commit = version(["git", "-C", str(repo_root()), "describe", "--always", "--dirty"])
+    if args.appmanager_rev:
+        commit = version(
+            ["git", "-C", str(repo_root()), "rev-parse", "--short", args.appmanager_rev]
+        )
+    else:
+        commit = version(["git", "-C", str(repo_root()), "describe", "--always", "--dirty"])
     info: dict[str, Any] = {
         "cpu_model": cpu_model,
         "logical_cpus": os.cpu_count(),
@@ -562,7 +599,9 @@ def chart_svg(bench: Benchmark, results: list[PeerResult], meta: dict[str, Any])
             cpu_bars.append(Bar(r.name, None, color, missing="failed"))
             continue
         rps_bars.append(Bar(r.name, r.median("rps"), color, [x.rps for x in r.valid_rounds]))
-        cpu_points = [x.core_us_per_request for x in r.valid_rounds if x.core_us_per_request]
+        cpu_points = [
+            x.core_us_per_request for x in r.valid_rounds if x.core_us_per_request is not None
+        ]
         missing = "n/a" if r.has_core else "no core"
         cpu_bars.append(
             Bar(r.name, r.median("core_us_per_request"), color, cpu_points, missing=missing)
@@ -737,6 +776,10 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> int:
     }
     work = Path(tempfile.mkdtemp(prefix="appmanager-bench-"))
     try:
+        if args.appmanager_rev:
+            args.appmanager_cmd = shlex.join(
+                checkout_snapshot(args.appmanager_rev, work / "appmanager-src")
+            )
         results = run_benchmark(bench, args, work)
     except KeyboardInterrupt:
         print("\ninterrupted; all peers stopped", file=sys.stderr)

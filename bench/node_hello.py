@@ -106,6 +106,10 @@ BENCHMARK = Benchmark(
     add_arguments=add_arguments,
     notes=(
         "Every peer runs the app with the same Node.js (`--nodejs`), with NODE_ENV=production.",
+        "appmanager hands a Node app whole connections over Node's IPC channel (Node has no "
+        "public API to take one request's descriptor), so with keep-alive its core sees each "
+        "of wrk's 16 connections once and then no request at all: its CPU per request is about "
+        "zero, and the app processes serve the clients directly, as the cluster's workers do.",
         "cluster: `PORT=P WORKERS=2 node cluster.js` in the app dir. The primary forks 2 workers "
         "that each run app.js on the same port; on Linux the primary accepts the connections and "
         "passes each to a worker in turn, and the workers serve the requests, with keep-alive.",
