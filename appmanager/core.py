@@ -8,6 +8,7 @@ drains and stops everything and removes the instance directory.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -24,9 +25,11 @@ from appmanager.config import Plan
 from appmanager.front import Connection, Listener, listen_tcp, listen_unix
 from appmanager.group import Group
 from appmanager.pool import Pool
+from appmanager.reaper import Reaper
 
 log = logging.getLogger("appmanager")
 
+PR_SET_CHILD_SUBREAPER = 36
 IDLE_TIMEOUT = 75.0  # keep-alive connections with no request for this long are closed
 READ_TIMEOUT = 60.0  # a request that stalls this long while being read gets 408
 
@@ -98,6 +101,7 @@ class Core:
         self.apps = plan.apps
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.pool = Pool(plan.settings)
+        self.reaper = Reaper(self.pool)
         self.connections: set[Connection] = set()
         self.listeners: list[Listener] = []
         self.stopping = False
@@ -146,6 +150,9 @@ class Core:
         self._changed = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        # Processes forked by a preloader outlive it as the core's children; app processes'
+        # own orphans come here too, and are reaped in the sweep.
+        _become_subreaper()
         self.listeners.append(Listener(self, self._tcp, self.url))
         if self._unix is not None:
             self.listeners.append(Listener(self, self._unix, self.settings["socket"]))
@@ -224,7 +231,28 @@ class Core:
         now = time.monotonic()
         for conn in list(self.connections):
             conn.sweep(now, IDLE_TIMEOUT, READ_TIMEOUT)
+        if not self.stopping:
+            self.reaper.sweep()
+        self._reap_orphans()
         self._schedule_sweep()
+
+    def _reap_orphans(self) -> None:
+        """Reap exited children that no Process or Preloader watches (orphans the core inherited
+        as a subreaper). Watched ones are left to their own pidfd handlers. (uvloop keeps SIGCHLD
+        for itself, so this peeks with waitid once a sweep instead.)"""
+        watched = {p.pid for g in self.pool.groups for p in g.processes}
+        watched |= {g.preloader.pid for g in self.pool.groups if g.preloader is not None}
+        for _ in range(64):
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid in watched:
+                return
+            try:
+                os.waitpid(info.si_pid, os.WNOHANG)
+            except ChildProcessError:
+                return
 
     # -- stop ------------------------------------------------------------------------------------
 
@@ -277,6 +305,15 @@ class Core:
         assert self.instance is not None
         self.instance.remove()
         log.info("appmanager stopped")
+
+
+def _become_subreaper() -> None:
+    """Make orphaned descendants re-parent to the core (Linux PR_SET_CHILD_SUBREAPER)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.warning("cannot become a child subreaper; smart spawning's processes may be orphaned")
 
 
 def configure_logging(settings: dict[str, Any]) -> None:

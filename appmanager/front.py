@@ -202,11 +202,14 @@ class Connection:
         if self.buf:
             self._next_request()
 
-    def on_process_lost(self, response_started: bool) -> None:
-        """The process serving this connection died mid-request."""
+    def on_process_lost(self, response_started: bool, status: int = 502) -> None:
+        """The process serving this connection died mid-request (502), or was killed for taking
+        too long (504)."""
         self.busy = False
         if response_started:
             self._close_now() if self.handed else self.close()
+        elif status == 504:
+            self.respond(errors.simple_response(504, "the app took too long"), close=True)
         else:
             self.respond(errors.simple_response(502, "the app process died"), close=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import time
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from appmanager.states import ProcessState
 if TYPE_CHECKING:
     from appmanager.front import Connection
     from appmanager.pool import Pool
+    from appmanager.preloader import Preloader
     from appmanager.process import Process
     from appmanager.request import Request
     from appmanager.session import Session
@@ -50,6 +52,10 @@ class Group:
         self.app_type = app.spec.app_type
         # Node apps take whole connections; every other type takes one request at a time.
         self.per_connection = app.spec.app_type == "node"
+        method = self.settings["spawn_method"]
+        self.smart = app.spec.language in ("python", "ruby") and method == "smart"
+        self.preloader: Preloader | None = None
+        self._preloader_starting: asyncio.Future[Preloader] | None = None
         self.processes: list[Process] = []
         self.spawning = 0
         # Waiting requests; for an app that takes whole connections (Node), the bytes read so far.
@@ -70,6 +76,29 @@ class Group:
             rest = path[len(self._base) : len(self._base) + 1]
             return rest in (b"", b"/", b"?")
         return True
+
+    async def get_preloader(self) -> Preloader:
+        """The app's preloader, started if there is none; concurrent callers share one start."""
+        if self.preloader is not None and self.preloader.alive:
+            return self.preloader
+        if self._preloader_starting is None:
+            loop = asyncio.get_running_loop()
+            self._preloader_starting = loop.create_future()
+            try:
+                self.preloader = await spawner.start_preloader(self)
+            except BaseException as exc:
+                self._preloader_starting.set_exception(exc)
+                self._preloader_starting.exception()  # retrieved: waiters get it too
+                self._preloader_starting = None
+                raise
+            self._preloader_starting.set_result(self.preloader)
+            self._preloader_starting = None
+            return self.preloader
+        return await asyncio.shield(self._preloader_starting)
+
+    def on_preloader_gone(self, preloader: Preloader) -> None:
+        if self.preloader is preloader:
+            self.preloader = None
 
     @property
     def development(self) -> bool:
@@ -132,8 +161,19 @@ class Group:
 
     def on_session_done(self, proc: Process, session: Session, keep: bool) -> None:
         """A process finished a request: serve the wait-list first, then the connection's next."""
-        self.serve_waiting(proc)
+        if proc.request_limit and proc.processed >= proc.request_limit:
+            proc.retire(f"served {proc.processed} requests (max_requests)")
+            self.replace_soon()
+        else:
+            self.serve_waiting(proc)
         session.conn.on_response_done(keep)
+
+    def replace_soon(self) -> None:
+        """A process is being retired: start its successor now if the limits allow, so that
+        requests wait as little as possible."""
+        self.ensure_min_instances()
+        if self.wait_list:
+            self._grow()
 
     def serve_waiting(self, proc: Process) -> None:
         """Give waiting requests to ``proc`` while it has room."""
@@ -156,16 +196,37 @@ class Group:
         """Start processes until ``min_instances`` are running or starting."""
         if self.pool.stopping or time.monotonic() < self.next_spawn_at:
             return
-        while self.live_count() < self.settings["min_instances"] and self.pool.has_room():
+        while self.serving_count() < self.settings["min_instances"] and self._has_room():
             self._spawn()
 
     def _grow(self) -> None:
-        """Every process is busy: start one more if the pool has room and none is starting."""
-        # Cheapest tests first: this runs for every request that finds all processes busy.
-        if self.spawning or self.pool.stopping or not self.pool.has_room():
+        """Every process is busy: start more if the limits allow. Several spawns may run at once,
+        up to one per waiting request, so that a burst is not served one spawn at a time."""
+        if self.pool.stopping or time.monotonic() < self.next_spawn_at:
             return
-        if time.monotonic() >= self.next_spawn_at:
+        wanted = max(1, len(self.wait_list))
+        while self.spawning < wanted:
+            if not self._has_room():
+                if self.serving_count() == 0 and not self.spawning:
+                    self.pool.evict_for(self)
+                return
             self._spawn()
+
+    def _has_room(self) -> bool:
+        """May one more process start: within max_instances_per_app and max_pool_size?"""
+        per_app = self.settings["max_instances_per_app"]
+        if per_app and self.live_count() >= per_app:
+            return False
+        return self.pool.has_room()
+
+    def serving_count(self) -> int:
+        """Processes that are, or will soon be, taking requests: spawning and READY ones."""
+        return self.spawning + self.ready_count()
+
+    def idlest(self) -> Process | None:
+        """The READY process idle the longest, or None when every process is busy."""
+        idle = [p for p in self.processes if p.state is ProcessState.READY and not p.sessions]
+        return min(idle, key=lambda p: p.last_used, default=None)
 
     def _spawn(self) -> None:
         self.spawning += 1
@@ -194,6 +255,11 @@ class Group:
         self.boot_error = None
         self.failures = 0
         self.next_spawn_at = 0.0
+        limit = self.settings["max_requests"]
+        if limit:
+            # Staggered: up to 10% more, so that processes started together do not all retire
+            # together.
+            proc.request_limit = limit + random.randint(0, limit // 10)
         self.processes.append(proc)
         proc.start_serving()
         self.pool.on_process_ready(self)
@@ -255,10 +321,12 @@ class Group:
     # -- stopping --------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop every process (each finishes its requests first)."""
+        """Stop every process (each finishes its requests first), and the preloader."""
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self.preloader is not None:
+            self.preloader.stop("the core is stopping")
         for proc in list(self.processes):
             proc.stop()
 

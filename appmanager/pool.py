@@ -68,6 +68,17 @@ class Pool:
     def has_room(self) -> bool:
         return self.process_count() < self.max_pool_size
 
+    def evict_for(self, group: Group) -> None:
+        """``group`` has no process and the pool is full: stop the longest-idle process of
+        another app to make room (it is replaced once it exits)."""
+        candidates = [
+            p for g in self.groups if g is not group for p in [g.idlest()] if p is not None
+        ]
+        if not candidates:
+            return
+        victim = min(candidates, key=lambda p: p.last_used)
+        victim.retire(f"making room for app {group.name} (max_pool_size)")
+
     def on_process_ready(self, group: Group) -> None:
         self.changed()
 
@@ -80,7 +91,9 @@ class Pool:
         if self.stopping:
             return
         for other in self.groups:
-            if other is not group and other.wait_list:
+            if other.wait_list:
+                other.replace_soon()
+            elif other is not group:
                 other.ensure_min_instances()
 
     def start(self) -> None:

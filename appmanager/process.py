@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from appmanager.front import Connection
     from appmanager.group import Group
     from appmanager.output import OutputCapture
+    from appmanager.preloader import Preloader
 
 log = logging.getLogger("appmanager")
 
@@ -67,6 +68,13 @@ class Process:
         self.spawned_at = time.time()
         self.last_used = time.monotonic()
         self.exit_status: int | None = None
+        # The preloader that forked this process (smart spawning), which knows its exit status.
+        self.preloader: Preloader | None = None
+        # Requests after which this process is retired (max_requests, staggered); 0: no limit.
+        self.request_limit = 0
+        self.retire_reason = ""
+        # Killed by the reaper for exceeding max_request_time: its clients get 504, not 502.
+        self.timed_out = False
         self._lost = False
         self._loop = asyncio.get_running_loop()
         self._kill_timer: asyncio.TimerHandle | None = None
@@ -93,6 +101,19 @@ class Process:
         transition(self, ProcessState.STOPPING)  # READY/SPAWNING -> STOPPING
         if not self.sessions:
             self._close_channel()
+
+    def retire(self, reason: str) -> None:
+        """Stop taking requests and stop once the current ones are done, saying why."""
+        if self.state is not ProcessState.READY:
+            return
+        self.retire_reason = reason
+        log.info("process %d retired: %s", self.pid, reason)
+        self.stop()
+
+    def kill_for_timeout(self) -> None:
+        """A request ran past max_request_time: kill the process (its group too)."""
+        self.timed_out = True
+        self.signal(signal.SIGKILL)
 
     def _close_control(self) -> None:
         if self.ctl.fileno() >= 0:
@@ -123,10 +144,13 @@ class Process:
         """Signal the process and its children (it leads its own process group)."""
         try:
             os.killpg(self.pid, sig)
+            return
+        except (ProcessLookupError, PermissionError):
+            pass  # not a group leader (forked by a preloader): signal the process alone
+        try:
+            os.kill(self.pid, sig)
         except ProcessLookupError:
             pass
-        except PermissionError:
-            os.kill(self.pid, sig)
 
     # -- the data path ---------------------------------------------------------------------------
 
@@ -214,8 +238,9 @@ class Process:
     def _answer_lost(self, sessions: list[Session]) -> None:
         """Answer the requests a dead process held: 502 where its response had not begun."""
         started = self._started_seq()
+        status = 504 if self.timed_out else 502
         for session in sessions:
-            session.conn.on_process_lost(response_started=session.seq == started)
+            session.conn.on_process_lost(response_started=session.seq == started, status=status)
 
     def _started_seq(self) -> int:
         try:
@@ -227,25 +252,45 @@ class Process:
     def _on_exit(self) -> None:
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
+            code: int | None = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
-            pid, status = self.pid, 0
+            # Not the core's child (yet): its preloader reaps it and reports the status.
+            pid, code = self.pid, None
         if pid == 0:
             return
         self._loop.remove_reader(self.pidfd)
         os.close(self.pidfd)
-        self.exit_status = os.waitstatus_to_exitcode(status)
-        self.output.pid = self.pid
+        self.exit_status = code
         self._lost_channel()
         if self._kill_timer is not None:
             self._kill_timer.cancel()
         transition(self, ProcessState.EXITED)  # any -> EXITED
-        how = (
-            f"signal {-self.exit_status}" if self.exit_status < 0 else f"status {self.exit_status}"
-        )
-        log.info("process %d exited with %s", self.pid, how)
+        if code is None and self.preloader is not None:
+            self._log_exit_from_preloader(20)
+        else:
+            self._log_exit()
         if self.progress_fd >= 0:
             os.close(self.progress_fd)
         self.group.on_process_exited(self)
+
+    def _log_exit_from_preloader(self, tries: int) -> None:
+        """The preloader's EXITED message may trail the pidfd by a moment: wait for it briefly."""
+        assert self.preloader is not None
+        code = self.preloader.exit_statuses.pop(self.pid, None)
+        if code is None and tries > 0 and self.preloader.alive:
+            self._loop.call_later(0.025, self._log_exit_from_preloader, tries - 1)
+            return
+        self.exit_status = code
+        self._log_exit()
+
+    def _log_exit(self) -> None:
+        code = self.exit_status
+        if code is None:
+            log.info("process %d exited", self.pid)
+        elif code < 0:
+            log.info("process %d exited with signal %d", self.pid, -code)
+        else:
+            log.info("process %d exited with status %d", self.pid, code)
 
     def exited(self) -> bool:
         """Has the OS process exited (whether or not it was reaped yet)?"""

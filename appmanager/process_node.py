@@ -212,7 +212,7 @@ class NodeProcess(Process):
                     state = os.pread(self.progress_fd, 1, slot)
                 except OSError:
                     pass
-            session.conn.on_process_lost(response_started=state != b"\x01")
+            session.conn.on_process_lost(response_started=state != b"\x01", status=502)
 
     def stop(self) -> None:
         """Node keeps connections open between requests: closing the channel asks the shim to

@@ -307,6 +307,75 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="N",
     ),
     Setting(
+        "max_instances_per_app",
+        "int",
+        0,
+        Scope.APP,
+        "The most processes of this app; 0 means only max_pool_size limits it.",
+        validator=_at_least(0),
+        metavar="N",
+    ),
+    Setting(
+        "spawn_method",
+        "str",
+        None,
+        Scope.APP,
+        "`smart`: load the app once in a preloader and fork its processes from it (copy-on-write; "
+        "Python and Ruby); `direct`: start every process from scratch. Default: smart for Python "
+        "and Ruby, direct for Node and generic apps.",
+        choices=("smart", "direct"),
+    ),
+    Setting(
+        "max_preloader_idle_time",
+        "float",
+        300.0,
+        Scope.APP,
+        "Seconds a preloader may go without forking before it is stopped; it comes back when a "
+        "process is needed. 0 keeps it forever.",
+        validator=_at_least(0),
+        metavar="SECONDS",
+    ),
+    Setting(
+        "pool_idle_time",
+        "float",
+        300.0,
+        Scope.APP,
+        "Seconds a process may sit idle before it is stopped (never below min_instances). 0 keeps "
+        "idle processes.",
+        validator=_at_least(0),
+        metavar="SECONDS",
+    ),
+    Setting(
+        "max_requests",
+        "int",
+        0,
+        Scope.APP,
+        "Retire a process after it has served about this many requests (each process gets a "
+        "limit up to 10% higher, so that they do not all restart together). 0 means no limit.",
+        validator=_at_least(0),
+        metavar="N",
+    ),
+    Setting(
+        "memory_limit",
+        "int",
+        0,
+        Scope.APP,
+        "Retire a process, after its current request, once its private memory (USS) exceeds "
+        "this many MB. 0 means no limit.",
+        validator=_at_least(0),
+        metavar="MB",
+    ),
+    Setting(
+        "max_request_time",
+        "float",
+        0.0,
+        Scope.APP,
+        "Kill a process that has spent longer than this many seconds on one request; the "
+        "client gets 504 and a fresh process takes its place. 0 means no limit.",
+        validator=_at_least(0),
+        metavar="SECONDS",
+    ),
+    Setting(
         "max_pool_size",
         "int",
         6,

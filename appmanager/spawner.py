@@ -21,6 +21,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from appmanager.output import OutputCapture
+from appmanager.preloader import Preloader
 from appmanager.process import Process
 from appmanager.process_node import NodeProcess
 from appmanager.proxy import ProxyProcess
@@ -146,11 +147,16 @@ async def spawn(group: Group) -> Process:
         return await _spawn_generic(group)
     if language == "node":
         return await _spawn_node(group)
+    if group.smart:
+        return await _spawn_forked(group, await group.get_preloader())
     return await _spawn_shim(group, language)
 
 
-async def _spawn_shim(group: Group, language: str) -> Process:
-    """Python and Ruby: a SOCK_SEQPACKET control channel and one request per message."""
+async def _start_shim(
+    group: Group, language: str, message: dict[str, Any], proc_class: type[Process] = Process
+) -> tuple[Process, bytes]:
+    """Exec a Python or Ruby shim with a SOCK_SEQPACKET control channel, send it ``message`` and
+    wait for its one answer. Returns the process (still SPAWNING) and the answer."""
     argv = [interpreter(group, language), shim_path(language)]
     core_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     progress_fd = os.memfd_create("appmanager-progress", os.MFD_CLOEXEC)
@@ -170,12 +176,65 @@ async def _spawn_shim(group: Group, language: str) -> Process:
     finally:
         child_end.close()
     core_end.setblocking(False)
-    proc = Process(group, pid, core_end, progress_fd, os.pidfd_open(pid), output, concurrency=1)
-    message = b"SPAWN " + json.dumps(_spawn_message(group)).encode()
-    reply = await _handshake(group, proc, lambda: core_end.send(message), _datagram_reply)
+    proc = proc_class(group, pid, core_end, progress_fd, os.pidfd_open(pid), output, 1)
+    data = b"SPAWN " + json.dumps(message).encode()
+    reply = await _handshake(group, proc, lambda: core_end.send(data), _datagram_reply)
+    return proc, reply
+
+
+async def _spawn_shim(group: Group, language: str) -> Process:
+    """Python and Ruby, direct: a fresh shim that loads the app and serves."""
+    proc, reply = await _start_shim(group, language, _spawn_message(group))
+    kind, _, payload = reply.partition(b" ")
+    return _finish(group, proc, kind.decode(), json.loads(payload or b"{}"))
+
+
+async def start_preloader(group: Group) -> Preloader:
+    """Python and Ruby, smart: a shim that loads the app once and forks processes on command."""
+    message = {**_spawn_message(group), "spawn_method": "smart", "core_pid": os.getpid()}
+    proc, reply = await _start_shim(group, group.spec.language, message)
     kind, _, payload = reply.partition(b" ")
     info = json.loads(payload or b"{}")
-    return _finish(group, proc, kind.decode(), info)
+    if kind != b"PRELOADER":
+        _finish(group, proc, kind.decode(), info)  # raises the ERROR
+        proc.abandon()
+        raise SpawnError("PREPARE", f"the preloader answered {kind.decode()!r}")
+    reported = info.get("app_type")
+    if isinstance(reported, str) and reported:
+        group.app_type = reported
+    os.close(proc.progress_fd)  # the preloader serves no requests
+    preloader = Preloader(group, proc.pid, proc.ctl, proc.pidfd, proc.output)
+    preloader.start()
+    return preloader
+
+
+async def _spawn_forked(group: Group, preloader: Preloader) -> Process:
+    """One more process forked from the app's preloader."""
+    core_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    progress_fd = os.memfd_create("appmanager-progress", os.MFD_CLOEXEC)
+    os.ftruncate(progress_fd, 8)
+    started = time.monotonic()
+    try:
+        pid = await preloader.fork(child_end.fileno(), progress_fd, group.settings["start_timeout"])
+    except SpawnError:
+        core_end.close()
+        os.close(progress_fd)
+        raise
+    finally:
+        child_end.close()
+    core_end.setblocking(False)
+    proc = Process(group, pid, core_end, progress_fd, os.pidfd_open(pid), preloader.output, 1)
+    proc.preloader = preloader
+    reply = await _handshake(group, proc, lambda: None, _datagram_reply)
+    kind, _, payload = reply.partition(b" ")
+    result = _finish(group, proc, kind.decode(), json.loads(payload or b"{}"))
+    log.info(
+        "process %d forked by preloader %d in %.0f ms",
+        pid,
+        preloader.pid,
+        (time.monotonic() - started) * 1000,
+    )
+    return result
 
 
 async def _spawn_node(group: Group) -> Process:
