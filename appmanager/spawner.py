@@ -275,8 +275,7 @@ async def _spawn_generic(group: Group) -> Process:
     """A generic app: the app's own command, listening on $PORT; READY once the port accepts."""
     port = _free_port()
     env = _environment(group, {"PORT": str(port), "APPMANAGER_APP_ROOT": group.spec.root})
-    # posix_spawn in Python 3.11 has no chdir action; the shell changes directory instead.
-    argv = ["/bin/sh", "-c", 'cd "$APPMANAGER_APP_ROOT" && exec ' + group.spec.command]
+    argv = [sys.executable, "-c", _GENERIC_LAUNCHER, group.spec.command]
     pid, output = _launch(argv, env, {}, group)
     proc = ProxyProcess(group, pid, os.pidfd_open(pid), output, port)
     deadline = time.monotonic() + group.settings["start_timeout"]
@@ -300,6 +299,19 @@ async def _spawn_generic(group: Group) -> Process:
                 output=output.text(),
             )
         await asyncio.sleep(0.05)
+
+
+# Runs a generic app's command so that it dies with the core: the death signal set here survives
+# exec, which a program that knows nothing of appmanager could not arrange itself. It also moves to
+# the app root (posix_spawn in Python 3.11 has no chdir action).
+_GENERIC_LAUNCHER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() == 1:
+    sys.exit(1)
+os.chdir(os.environ["APPMANAGER_APP_ROOT"])
+os.execv("/bin/sh", ["/bin/sh", "-c", "exec " + sys.argv[1]])
+"""
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ import sys
 import time
 
 CLOSE_MARKER = os.environ.get("ECHO_CLOSE_MARKER")
+BALLAST: list[bytearray] = []
 
 
 class Closing:
@@ -79,6 +80,11 @@ def application(environ, start_response):
         os._exit(7)
     if path == "/app/sleep":
         time.sleep(float(environ.get("QUERY_STRING") or "1"))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(os.getpid()).encode()]
+    if path == "/app/grow":
+        # Hold on to this many MB, so that the process's private memory grows.
+        BALLAST.append(bytearray(int(environ.get("QUERY_STRING") or "50") * 1024 * 1024))
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [str(os.getpid()).encode()]
     if path == "/app/pid":
