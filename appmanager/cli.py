@@ -122,6 +122,133 @@ def start(app_dir: str | None, **raw: Any) -> None:
     sys.exit(status)
 
 
+def _instance_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--instance-dir",
+        "instance_dir",
+        default=None,
+        metavar="DIR",
+        help="The instance directory of the core to talk to (default: the only running one).",
+    )(func)
+
+
+def _control(instance_dir: str | None, request: dict[str, Any], timeout: float) -> Any:
+    from appmanager.controlclient import ControlError, call, find_instance
+
+    try:
+        instance = find_instance(instance_dir)
+        return instance, call(instance, request, timeout)
+    except ControlError as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@_instance_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON document.")
+def status(instance_dir: str | None, as_json: bool) -> None:
+    """Show a running appmanager's apps and processes."""
+    import json
+
+    from appmanager.statusview import render
+
+    _, reply = _control(instance_dir, {"command": "status"}, 5.0)
+    if as_json:
+        click.echo(json.dumps(reply["status"], indent=2))
+    else:
+        click.echo(render(reply["status"]))
+
+
+@main.command()
+@_instance_option
+@click.argument("app_root", required=False)
+def restart(instance_dir: str | None, app_root: str | None) -> None:
+    """Restart the app at APP_ROOT (every app when none is named), rolling: new processes are
+    ready before old ones stop."""
+    request: dict[str, Any] = {"command": "restart"}
+    if app_root is not None:
+        request["app"] = os.path.abspath(app_root)
+    _, reply = _control(instance_dir, request, 120.0)
+    for root in reply["restarted"]:
+        click.echo(f"restarted {root}")
+
+
+@main.command()
+@_instance_option
+@click.option("--timeout", type=float, default=None, help="Seconds in-flight requests get.")
+def stop(instance_dir: str | None, timeout: float | None) -> None:
+    """Stop a running appmanager gracefully and wait until it has exited."""
+    import time
+
+    instance, _ = _control(instance_dir, {"command": "stop", "timeout": timeout}, 5.0)
+    deadline = time.monotonic() + (timeout if timeout is not None else 30.0) + 30.0
+    while time.monotonic() < deadline:
+        try:
+            os.kill(instance.pid, 0)
+        except ProcessLookupError:
+            click.echo(f"stopped appmanager (pid {instance.pid})")
+            return
+        time.sleep(0.1)
+    _fail(f"appmanager (pid {instance.pid}) did not stop in time")
+
+
+@main.command()
+@_instance_option
+@click.argument("pid", type=int)
+def detach(instance_dir: str | None, pid: int) -> None:
+    """Retire one app process: it finishes its requests and exits; a new one replaces it."""
+    _control(instance_dir, {"command": "detach", "pid": pid}, 60.0)
+    click.echo(f"detached process {pid}")
+
+
+@main.command()
+@_instance_option
+@click.option("--interval", type=float, default=1.0, help="Seconds between refreshes.")
+@click.option("--iterations", type=int, default=0, help="Stop after this many refreshes.")
+def top(instance_dir: str | None, interval: float, iterations: int) -> None:
+    """A live view of the processes, refreshed with the events the core publishes."""
+    import collections
+    import time
+
+    from appmanager.controlclient import ControlError, call, events, find_instance
+    from appmanager.statusview import render, render_event
+
+    try:
+        instance = find_instance(instance_dir)
+    except ControlError as exc:
+        _fail(str(exc))
+    recent: collections.deque[str] = collections.deque(maxlen=10)
+    stream = events(instance, 0.05)
+    interactive = sys.stdout.isatty()
+    count = 0
+    try:
+        while True:
+            try:
+                reply = call(instance, {"command": "status"}, 5.0)
+            except ControlError as exc:
+                _fail(str(exc))
+            deadline = time.monotonic() + interval
+            if interactive:
+                click.echo("\x1b[H\x1b[2J", nl=False)
+            click.echo(render(reply["status"]))
+            click.echo("\nrecent events:" if recent else "\nno events yet")
+            for line in recent:
+                click.echo(f"  {line}")
+            if not interactive:
+                click.echo("")
+            count += 1
+            if iterations and count >= iterations:
+                return
+            while time.monotonic() < deadline:
+                event = next(stream)
+                if event is not None:
+                    stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+                    recent.append(f"{stamp} {render_event(event)}")
+    except KeyboardInterrupt:
+        return
+    finally:
+        stream.close()
+
+
 def _daemonize() -> Any:
     """Detach (double fork, new session). The original process waits until the daemon prints its
     banner, echoes it and exits, so that a failure to start still reaches the terminal."""

@@ -20,8 +20,9 @@ import tempfile
 import time
 from typing import Any, TextIO
 
-from appmanager import __version__
+from appmanager import __version__, instances
 from appmanager.config import Plan
+from appmanager.control import ControlServer
 from appmanager.front import Connection, Listener, listen_tcp, listen_unix
 from appmanager.group import Group
 from appmanager.pool import Pool
@@ -102,6 +103,7 @@ class Core:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.pool = Pool(plan.settings)
         self.reaper = Reaper(self.pool)
+        self.control: ControlServer | None = None
         self.connections: set[Connection] = set()
         self.listeners: list[Listener] = []
         self.stopping = False
@@ -173,6 +175,10 @@ class Core:
                 "apps": [app.spec.root for app in self.apps],
             }
         )
+        self.control = ControlServer(self, self.instance.path)
+        self.control.start()
+        self.pool.emit = self.control.emit
+        instances.register(self.instance.path)
         if banner is not None:
             self._print_banner(banner)
         log.info("appmanager %s ready at %s (pid %d)", __version__, self.url, os.getpid())
@@ -256,6 +262,14 @@ class Core:
 
     # -- stop ------------------------------------------------------------------------------------
 
+    def request_stop(self, timeout: float | None) -> None:
+        """Stop gracefully, as SIGTERM does (asked for over the control channel)."""
+        assert self._stop_event is not None
+        if timeout is not None:
+            self.settings["shutdown_timeout"] = timeout
+        log.info("stop requested over the control channel")
+        self._stop_event.set()
+
     def _on_stop_signal(self, sig: int) -> None:
         assert self._stop_event is not None
         if self._stop_event.is_set():
@@ -302,6 +316,9 @@ class Core:
             conn._close_now()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.control is not None:
+            self.control.close()
+        instances.unregister()
         assert self.instance is not None
         self.instance.remove()
         log.info("appmanager stopped")

@@ -137,6 +137,7 @@ class Group:
         limit = self.settings["max_request_queue_size"]
         if limit and len(self.wait_list) >= limit:
             log.warning("app %s: request queue full (%d), answering 503", self.name, limit)
+            self.pool.emit("queue_overflow", app=self.name, queue=len(self.wait_list))
             _discard(request)
             conn.respond(errors.simple_response(503, "request queue full", close=False))
             return
@@ -247,6 +248,10 @@ class Group:
             self._spawn_failed(SpawnError("PREPARE", repr(exc)))
             return
         self.spawning -= 1
+        self._add_ready(proc)
+
+    def _add_ready(self, proc: Process) -> None:
+        """A spawned process answered READY: take it into the group and give it work."""
         if self.pool.stopping:
             proc.start_serving()
             self.processes.append(proc)
@@ -262,10 +267,48 @@ class Group:
             proc.request_limit = limit + random.randint(0, limit // 10)
         self.processes.append(proc)
         proc.start_serving()
+        self.pool.emit("spawned", app=self.name, pid=proc.pid)
         self.pool.on_process_ready(self)
         self.serve_waiting(proc)
         if self.wait_list:
             self._grow()
+
+    async def restart(self) -> str | None:
+        """Replace every process with a new one, rolling: each new process is ready before an
+        old one is retired, and old ones finish their requests. When the new version cannot
+        boot, the old processes keep serving and the error is returned (and kept in
+        ``boot_error`` for the status)."""
+        self.pool.emit("restart_begun", app=self.name)
+        log.info("app %s: restart begun", self.name)
+        old = [p for p in self.processes if p.state is ProcessState.READY]
+        if self.preloader is not None:
+            # A fresh preloader loads the new code; the old one would fork the old.
+            self.preloader.stop("the app is restarting")
+            self.preloader = None
+        count = max(1, self.settings["min_instances"], len(old))
+        for _ in range(count):
+            if not self._has_room() and old:
+                old.pop(0).retire("the app is restarting")
+            self.spawning += 1
+            try:
+                proc = await spawner.spawn(self)
+            except SpawnError as exc:
+                self.spawning -= 1
+                log.error("app %s: restart failed, old processes keep serving: %s", self.name, exc)
+                if exc.traceback:
+                    log.error("app %s: %s", self.name, exc.traceback.rstrip())
+                self.boot_error = exc
+                self.pool.emit("spawn_failed", app=self.name, step=exc.step, message=exc.message)
+                return str(exc)
+            self.spawning -= 1
+            self._add_ready(proc)
+            if old:
+                old.pop(0).retire("the app is restarting")
+        for proc in old:
+            proc.retire("the app is restarting")
+        log.info("app %s: restart finished", self.name)
+        self.pool.emit("restart_finished", app=self.name)
+        return None
 
     def _spawn_failed(self, error: SpawnError) -> None:
         self.failures += 1
@@ -288,6 +331,7 @@ class Group:
                 conn.waiting = None
                 _discard(request)
                 self._answer_boot_error(conn)
+        self.pool.emit("spawn_failed", app=self.name, step=error.step, message=error.message)
         self.pool.on_spawn_failed(self)
         if not self.pool.stopping and self._retry is None:
             self._retry = asyncio.get_running_loop().call_later(delay, self._retry_spawn)
@@ -311,6 +355,7 @@ class Group:
         """A process was reaped: forget it and replace it when the app needs one."""
         if proc in self.processes:
             self.processes.remove(proc)
+        self.pool.emit("exited", app=self.name, pid=proc.pid, status=proc.exit_status)
         self.pool.on_process_exited(self)
         if self.pool.stopping:
             return

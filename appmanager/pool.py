@@ -28,6 +28,8 @@ class Pool:
         self.stopping = False
         # Called whenever processes become ready, fail to start or exit; the core waits on it.
         self.changed: Callable[[], None] = lambda: None
+        # Publishes an event (control protocol); the core connects it to its control server.
+        self.emit: Callable[..., None] = lambda event, **fields: None
 
     def add_group(self, group: Group) -> None:
         self.groups.append(group)

@@ -75,6 +75,7 @@ class Process:
         self.retire_reason = ""
         # Killed by the reaper for exceeding max_request_time: its clients get 504, not 502.
         self.timed_out = False
+        self._exit_waiters: list[asyncio.Future[None]] = []
         self._lost = False
         self._loop = asyncio.get_running_loop()
         self._kill_timer: asyncio.TimerHandle | None = None
@@ -108,7 +109,17 @@ class Process:
             return
         self.retire_reason = reason
         log.info("process %d retired: %s", self.pid, reason)
+        self.group.pool.emit("retired", app=self.group.name, pid=self.pid, reason=reason)
         self.stop()
+
+    def exited_future(self) -> asyncio.Future[None]:
+        """A future that is done once the OS process has been reaped."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        if self.state is ProcessState.EXITED:
+            fut.set_result(None)
+        else:
+            self._exit_waiters.append(fut)
+        return fut
 
     def kill_for_timeout(self) -> None:
         """A request ran past max_request_time: kill the process (its group too)."""
@@ -271,6 +282,9 @@ class Process:
             self._log_exit()
         if self.progress_fd >= 0:
             os.close(self.progress_fd)
+        for fut in self._exit_waiters:
+            if not fut.done():
+                fut.set_result(None)
         self.group.on_process_exited(self)
 
     def _log_exit_from_preloader(self, tries: int) -> None:
