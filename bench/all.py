@@ -67,6 +67,28 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
     return names, passed
 
 
+def resolve_rev(rev: str) -> str:
+    """The full hash of the commit `rev` names; SystemExit when there is none."""
+    result = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(BENCH_DIR.parent),
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            f"{rev}^{{commit}}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"--appmanager-rev: {rev!r} names no commit")
+    return result.stdout.strip()
+
+
 def run_script(script: str, options: list[str]) -> int:
     """Run one benchmark script to its end, passing Ctrl-C and SIGTERM on to it."""
     cmd = [sys.executable, str(BENCH_DIR / script), *options]
@@ -90,6 +112,9 @@ def run_script(script: str, options: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the selected scripts in order; stop early when interrupted."""
     names, options = parse_args(argv)
+    if "--appmanager-rev" in options:  # one commit for all the scripts, whatever lands meanwhile
+        at = options.index("--appmanager-rev") + 1
+        options[at] = resolve_rev(options[at])
     statuses: dict[str, int] = {}
     for name in names:
         statuses[name] = run_script(SCRIPTS[name], options)

@@ -257,6 +257,21 @@ def appmanager_cmd(args: argparse.Namespace) -> list[str]:
     return shlex.split(args.appmanager_cmd) if args.appmanager_cmd else default_appmanager_cmd()
 
 
+def resolve_rev(rev: str) -> str:
+    """The full hash of the commit `rev` names (once, so that a commit made meanwhile by someone
+    else cannot slip in between the report and the snapshot); SystemExit when there is none."""
+    result = subprocess.run(
+        ["git", "-C", str(repo_root()), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"--appmanager-rev: {rev!r} names no commit")
+    return result.stdout.strip()
+
+
 def checkout_snapshot(rev: str, dest: Path) -> list[str]:
     """Export appmanager/ and spawners/ as committed at `rev` into `dest`, laid out as installed
     (the shims under appmanager/spawners), and return the command that runs that CLI.
@@ -566,10 +581,8 @@ def machine_info(bench: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    if args.appmanager_rev:
-        commit = version(
-            ["git", "-C", str(repo_root()), "rev-parse", "--short", args.appmanager_rev]
-        )
+    if args.appmanager_rev:  # a full hash by now (resolve_rev)
+        commit = args.appmanager_rev[:7]
     else:
         commit = version(["git", "-C", str(repo_root()), "describe", "--always", "--dirty"])
     info: dict[str, Any] = {
@@ -758,6 +771,8 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> int:
     if wrk_path() is None:
         print("wrk is not on PATH (apt-get install wrk)", file=sys.stderr)
         return 2
+    if args.appmanager_rev:
+        args.appmanager_rev = resolve_rev(args.appmanager_rev)
     signal.signal(signal.SIGTERM, _on_sigterm)
     now = time.gmtime()
     meta = {
