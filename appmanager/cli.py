@@ -181,10 +181,14 @@ def stop(instance_dir: str | None, timeout: float | None) -> None:
 
     instance, _ = _control(instance_dir, {"command": "stop", "timeout": timeout}, 5.0)
     deadline = time.monotonic() + (timeout if timeout is not None else 30.0) + 30.0
+    import psutil
+
     while time.monotonic() < deadline:
         try:
-            os.kill(instance.pid, 0)
-        except ProcessLookupError:
+            # A core whose parent has not reaped it yet is a zombie: it has stopped all the same.
+            if psutil.Process(instance.pid).status() == psutil.STATUS_ZOMBIE:
+                raise psutil.NoSuchProcess(instance.pid)
+        except psutil.NoSuchProcess:
             click.echo(f"stopped appmanager (pid {instance.pid})")
             return
         time.sleep(0.1)
