@@ -25,6 +25,7 @@ from appmanager.config import Plan
 from appmanager.control import ControlServer
 from appmanager.front import Connection, Listener, listen_tcp, listen_unix
 from appmanager.group import Group
+from appmanager.metrics import MetricsServer
 from appmanager.pool import Pool
 from appmanager.reaper import Reaper
 
@@ -104,6 +105,9 @@ class Core:
         self.pool = Pool(plan.settings)
         self.reaper = Reaper(self.pool)
         self.control: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
+        # True once start-up is done, until the core begins to stop (/healthz).
+        self.ready = False
         self.connections: set[Connection] = set()
         self.listeners: list[Listener] = []
         self.stopping = False
@@ -175,6 +179,18 @@ class Core:
                 "apps": [app.spec.root for app in self.apps],
             }
         )
+        if self.settings["metrics_address"]:
+            self.metrics = MetricsServer(self, self.settings["metrics_address"])
+            try:
+                await self.metrics.start()
+            except OSError as exc:
+                log.error(
+                    "cannot serve metrics on %s (--metrics-address): %s",
+                    self.settings["metrics_address"],
+                    exc.strerror or exc,
+                )
+                self.metrics = None
+        self.ready = True
         self.control = ControlServer(self, self.instance.path)
         self.control.start()
         self.pool.emit = self.control.emit
@@ -284,6 +300,7 @@ class Core:
     async def _shutdown(self) -> None:
         """Stop accepting, let queued and in-flight requests finish, stop every process."""
         assert self._changed is not None
+        self.ready = False
         self.stopping = True
         for listener in self.listeners:
             listener.close()
@@ -318,6 +335,8 @@ class Core:
             self._sweeper.cancel()
         if self.control is not None:
             self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         instances.unregister()
         assert self.instance is not None
         self.instance.remove()

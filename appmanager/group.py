@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from appmanager import balancer, errors, spawner
 from appmanager.config import AppConfig
+from appmanager.metrics import AppMetrics
 from appmanager.process_node import NodeProcess
 from appmanager.spawnerror import SpawnError
 from appmanager.states import ProcessState
@@ -55,6 +56,7 @@ class Group:
         method = self.settings["spawn_method"]
         self.smart = app.spec.language in ("python", "ruby") and method == "smart"
         self.preloader: Preloader | None = None
+        self.metrics = AppMetrics()
         self._preloader_starting: asyncio.Future[Preloader] | None = None
         self.processes: list[Process] = []
         self.spawning = 0
@@ -138,6 +140,7 @@ class Group:
         if limit and len(self.wait_list) >= limit:
             log.warning("app %s: request queue full (%d), answering 503", self.name, limit)
             self.pool.emit("queue_overflow", app=self.name, queue=len(self.wait_list))
+            self.metrics.overflows += 1
             _discard(request)
             conn.respond(errors.simple_response(503, "request queue full", close=False))
             return
@@ -162,6 +165,8 @@ class Group:
 
     def on_session_done(self, proc: Process, session: Session, keep: bool) -> None:
         """A process finished a request: serve the wait-list first, then the connection's next."""
+        if not self.per_connection:
+            self.metrics.observe(time.monotonic() - session.started)
         if proc.request_limit and proc.processed >= proc.request_limit:
             proc.retire(f"served {proc.processed} requests (max_requests)")
             self.replace_soon()
@@ -312,6 +317,7 @@ class Group:
 
     def _spawn_failed(self, error: SpawnError) -> None:
         self.failures += 1
+        self.metrics.spawn_failures += 1
         delay = min(MAX_BACKOFF, 2.0 ** (self.failures - 1))
         self.next_spawn_at = time.monotonic() + delay
         self.boot_error = error

@@ -163,6 +163,12 @@ def _env_pairs(raw: Any) -> dict[str, str]:
     return env
 
 
+def _host_port(value: Any) -> None:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT, got {value!r}")
+
+
 def _base_uri(value: Any) -> None:
     if not value.startswith("/") or "?" in value or "#" in value:
         raise ValueError(f"must be a path starting with /, got {value!r}")
@@ -431,6 +437,16 @@ SETTINGS: tuple[Setting, ...] = (
         "--daemonize, log/appmanager.PORT.log in the app root).",
         validator=_writable_parent,
         metavar="FILE",
+    ),
+    Setting(
+        "metrics_address",
+        "str",
+        None,
+        Scope.GLOBAL,
+        "Serve /metrics (Prometheus text format) and /healthz (200 when ready, 503 while "
+        "starting or stopping) on this HOST:PORT.",
+        validator=_host_port,
+        metavar="HOST:PORT",
     ),
     Setting(
         "log_level",
