@@ -159,6 +159,7 @@ class Core:
         # Processes forked by a preloader outlive it as the core's children; app processes'
         # own orphans come here too, and are reaped in the sweep.
         _become_subreaper()
+        self.loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
         self.listeners.append(Listener(self, self._tcp, self.url))
         if self._unix is not None:
             self.listeners.append(Listener(self, self._unix, self.settings["socket"]))
@@ -350,6 +351,14 @@ def _become_subreaper() -> None:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         log.warning("cannot become a child subreaper; smart spawning's processes may be orphaned")
+
+
+def reopen_logs() -> None:
+    """SIGUSR1 (logrotate's postrotate): close the log files; each reopens on its next line."""
+    for handler in logging.getLogger("appmanager").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+    log.info("log files reopened (SIGUSR1)")
 
 
 def configure_logging(settings: dict[str, Any]) -> None:

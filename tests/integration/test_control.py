@@ -249,3 +249,14 @@ def test_control_socket_is_owner_only(server_factory) -> None:
         mode = (server.instance_dir / name).stat().st_mode & 0o777
         assert mode & 0o077 == 0, oct(mode)
     assert server.instance_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_sigusr1_reopens_the_log_file(server_factory) -> None:
+    server = server_factory(APPS / "wsgi_echo")
+    rotated = server.log_path.with_suffix(".log.1")
+    server.log_path.rename(rotated)
+    os.kill(server.proc.pid, signal.SIGUSR1)
+    get(server.port, "/app/print")
+    server.wait_for_log("log files reopened (SIGUSR1)")
+    assert "hello from the app's stdout" in server.wait_for_log("hello from the app's stdout")
+    assert "received SIGTERM" not in rotated.read_text()
