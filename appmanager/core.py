@@ -21,6 +21,7 @@ import time
 from typing import Any, TextIO
 
 from appmanager import __version__, instances
+from appmanager.accesslog import AccessLog
 from appmanager.config import Plan
 from appmanager.control import ControlServer
 from appmanager.front import Connection, Listener, listen_tcp, listen_unix
@@ -159,7 +160,7 @@ class Core:
         # Processes forked by a preloader outlive it as the core's children; app processes'
         # own orphans come here too, and are reaped in the sweep.
         _become_subreaper()
-        self.loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
+        self.loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         self.listeners.append(Listener(self, self._tcp, self.url))
         if self._unix is not None:
             self.listeners.append(Listener(self, self._unix, self.settings["socket"]))
@@ -191,6 +192,8 @@ class Core:
                     exc.strerror or exc,
                 )
                 self.metrics = None
+        if self.settings["access_log"]:
+            self.pool.access_log = AccessLog(self.settings["access_log"])
         self.ready = True
         self.control = ControlServer(self, self.instance.path)
         self.control.start()
@@ -257,7 +260,14 @@ class Core:
         if not self.stopping:
             self.reaper.sweep()
         self._reap_orphans()
+        if self.pool.access_log is not None:
+            self.pool.access_log.flush()
         self._schedule_sweep()
+
+    def _reopen_logs(self) -> None:
+        if self.pool.access_log is not None:
+            self.pool.access_log.reopen()
+        reopen_logs()
 
     def _reap_orphans(self) -> None:
         """Reap exited children that no Process or Preloader watches (orphans the core inherited
@@ -338,6 +348,8 @@ class Core:
             self.control.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.pool.access_log is not None:
+            self.pool.access_log.close()
         instances.unregister()
         assert self.instance is not None
         self.instance.remove()

@@ -148,6 +148,7 @@ class Connection:
         if group is None:
             reader.close()
             self.reader = None
+            self.core.pool.log_access(self, request.head, 404, None)
             # The body, if any, was not read: close rather than parse it as a next request.
             self.respond(
                 errors.simple_response(404, "no app is configured for this host and path"),

@@ -141,6 +141,8 @@ class Group:
             log.warning("app %s: request queue full (%d), answering 503", self.name, limit)
             self.pool.emit("queue_overflow", app=self.name, queue=len(self.wait_list))
             self.metrics.overflows += 1
+            if not isinstance(request, bytes):
+                self.pool.log_access(conn, request.head, 503, None)
             _discard(request)
             conn.respond(errors.simple_response(503, "request queue full", close=False))
             return
@@ -163,8 +165,17 @@ class Group:
                 _discard(request)
                 return
 
-    def on_session_done(self, proc: Process, session: Session, keep: bool) -> None:
+    def on_session_done(
+        self,
+        proc: Process,
+        session: Session,
+        keep: bool,
+        status: int | None = None,
+        size: int | None = None,
+    ) -> None:
         """A process finished a request: serve the wait-list first, then the connection's next."""
+        if self.pool.access_log is not None and session.head:
+            self.pool.log_access(session.conn, session.head, status, size)
         if not self.per_connection:
             self.metrics.observe(time.monotonic() - session.started)
         if proc.request_limit and proc.processed >= proc.request_limit:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from appmanager.group import Group
 
 if TYPE_CHECKING:
+    from appmanager.accesslog import AccessLog
+    from appmanager.front import Connection
     from appmanager.request import Request
 
 log = logging.getLogger("appmanager")
@@ -28,6 +30,8 @@ class Pool:
         self.stopping = False
         # Called whenever processes become ready, fail to start or exit; the core waits on it.
         self.changed: Callable[[], None] = lambda: None
+        # The access log, when one is configured (the core opens it).
+        self.access_log: AccessLog | None = None
         # Publishes an event (control protocol); the core connects it to its control server.
         self.emit: Callable[..., None] = lambda event, **fields: None
 
@@ -69,6 +73,14 @@ class Pool:
 
     def has_room(self) -> bool:
         return self.process_count() < self.max_pool_size
+
+    def log_access(
+        self, conn: Connection, head: bytes, status: int | None, size: int | None
+    ) -> None:
+        """One access log line, when the access log is on."""
+        if self.access_log is not None:
+            remote = conn.meta.split(b" ", 1)[0].decode()
+            self.access_log.record(remote, head, status, size)
 
     def evict_for(self, group: Group) -> None:
         """``group`` has no process and the pool is full: stop the longest-idle process of

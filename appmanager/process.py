@@ -199,7 +199,7 @@ class Process:
             return False
         finally:
             request.discard()
-        self.sessions[seq] = Session(seq, conn, self)
+        self.sessions[seq] = Session(seq, conn, self, request.head)
         if request.upgrade:
             conn.give_away()  # the process reads the connection now (a WebSocket, say)
         return True
@@ -219,14 +219,17 @@ class Process:
         if msg[0:2] != b"D ":
             log.error("process %d sent an unknown message %r", self.pid, msg[:40])
             return
-        _, seq_text, keep = msg.split(b" ", 2)
-        session = self.sessions.pop(int(seq_text), None)
+        fields = msg.split(b" ")
+        session = self.sessions.pop(int(fields[1]), None)
         if session is None:
-            log.error("process %d reported unknown request %s", self.pid, seq_text)
+            log.error("process %d reported unknown request %s", self.pid, fields[1])
             return
         self.processed += 1
         self.last_used = time.monotonic()
-        self.group.on_session_done(self, session, keep.startswith(b"k"))
+        status = size = None
+        if len(fields) >= 5 and fields[3].isdigit() and fields[4].isdigit():
+            status, size = int(fields[3]), int(fields[4])
+        self.group.on_session_done(self, session, fields[2].startswith(b"k"), status, size)
         if self.state is ProcessState.STOPPING and not self.sessions:
             self._close_channel()
 
@@ -251,7 +254,10 @@ class Process:
         started = self._started_seq()
         status = 504 if self.timed_out else 502
         for session in sessions:
-            session.conn.on_process_lost(response_started=session.seq == started, status=status)
+            response_started = session.seq == started
+            session.conn.on_process_lost(response_started=response_started, status=status)
+            if not response_started:
+                self.group.pool.log_access(session.conn, session.head, status, 0)
 
     def _started_seq(self) -> int:
         try:

@@ -17,13 +17,15 @@ class Session:
     serves outlives it (keep-alive); so does the Process.
     """
 
-    __slots__ = ("seq", "conn", "process", "started")
+    __slots__ = ("seq", "conn", "process", "started", "head")
 
-    def __init__(self, seq: int, conn: Connection, process: Process) -> None:
+    def __init__(self, seq: int, conn: Connection, process: Process, head: bytes = b"") -> None:
         self.seq = seq
         self.conn = conn
         self.process = process
         self.started = time.monotonic()
+        # The request head, kept for the access log (a reference, not a copy).
+        self.head = head
 
     def verify_invariants(self) -> None:
         assert self.process.sessions.get(self.seq) is self

@@ -449,6 +449,15 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="HOST:PORT",
     ),
     Setting(
+        "access_log",
+        "path",
+        None,
+        Scope.GLOBAL,
+        "Write one line per request to this file, in the combined log format (off by default).",
+        validator=_writable_parent,
+        metavar="FILE",
+    ),
+    Setting(
         "log_level",
         "str",
         "info",
