@@ -658,11 +658,13 @@ absolute figures move from run to run by 10 % or more, so the **ratios** between
 the same run matter more than the absolutes. Rerun with:
 
 ```
-python3 bench/all.py --write-docs            # every section below; or one of them:
+python3 bench/all.py --appmanager-rev HEAD --write-docs   # every section below; or one of them:
 python3 bench/wsgi_hello.py --write-docs     # asgi_hello.py, ruby_hello.py, node_hello.py
 ```
 
-See bench/README.md for the options and how each peer is started.
+`--appmanager-rev HEAD` measures appmanager as committed (a `git archive` snapshot) rather than a
+working tree that may hold unfinished edits. See bench/README.md for the options and how each peer
+is started.
 
 """
 
