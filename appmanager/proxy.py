@@ -42,12 +42,16 @@ STOP_GRACE = 10.0
 class _ResponseState:
     """What httptools reports about the app's response."""
 
-    __slots__ = ("headers_done", "complete", "connection")
+    __slots__ = ("headers_done", "complete", "connection", "body_bytes")
 
     def __init__(self) -> None:
         self.headers_done = False
         self.complete = False
         self.connection = b""
+        self.body_bytes = 0
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() == b"connection":
@@ -111,6 +115,7 @@ class ProxyProcess(Process):
         self.seq += 1
         session = Session(self.seq, conn, self)
         self.sessions[self.seq] = session
+        session.head = request.head
         task = self._loop.create_task(self._proxy(session, request, keep_alive))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -121,10 +126,14 @@ class ProxyProcess(Process):
         relayed = False
         keep = False
         upstream: socket.socket | None = None
+        state = _ResponseState()
+        parser = httptools.HttpResponseParser(state)
         try:
             upstream = await self._upstream()
             await self._send_request(upstream, conn, request)
-            relayed, keep, upstream_keep = await self._relay(upstream, conn, request)
+            relayed, keep, upstream_keep = await self._relay(
+                upstream, conn, request, state, parser
+            )
             keep = keep and keep_alive
             if upstream_keep and len(self._idle) < MAX_IDLE and self.state is ProcessState.READY:
                 self._idle.append(upstream)
@@ -138,9 +147,11 @@ class ProxyProcess(Process):
         self.sessions.pop(session.seq, None)
         if relayed:
             self.processed += 1
-            self.group.on_session_done(self, session, keep)
+            status = parser.get_status_code() if state.headers_done else None
+            self.group.on_session_done(self, session, keep, status, state.body_bytes)
         else:
             conn.respond(errors.simple_response(502, "the app did not answer"), close=True)
+            self.group.pool.log_access(conn, request.head, 502, None)
             self.group.serve_waiting(self)
         if self.state is ProcessState.STOPPING and not self.sessions:
             self._close_channel()
@@ -201,12 +212,15 @@ class ProxyProcess(Process):
             offset += len(chunk)
 
     async def _relay(
-        self, upstream: socket.socket, conn: Connection, request: Request
+        self,
+        upstream: socket.socket,
+        conn: Connection,
+        request: Request,
+        state: _ResponseState,
+        parser: httptools.HttpResponseParser,
     ) -> tuple[bool, bool, bool]:
         """Copy the app's response to the client. Returns (anything relayed, the client
         connection may stay open, the upstream connection may be reused)."""
-        state = _ResponseState()
-        parser = httptools.HttpResponseParser(state)
         head_only = request.method == b"HEAD"
         relayed = False
         head_buf = b""
@@ -224,6 +238,10 @@ class ProxyProcess(Process):
                 end = head_buf.find(b"\r\n\r\n")
                 if end >= 0:
                     await self._loop.sock_sendall(conn.sock, head_buf[: end + 4])
+                    try:
+                        parser.feed_data(head_buf[: end + 4])
+                    except httptools.HttpParserError:
+                        pass
                     return True, request.keep_alive, False
                 continue
             try:
