@@ -4,6 +4,8 @@ The core execs this file with the app root as working directory, the control cha
 the progress file on fd 4 (docs/protocol/spawn.md). The shim loads the app, decides whether it is
 a WSGI or an ASGI app, answers READY, then serves the requests the core hands over with the client
 connection's descriptor (docs/protocol/handoff.md), writing each response straight to the client.
+With ``"spawn_method": "smart"`` it is a preloader instead: it answers PRELOADER and forks the
+processes that serve, each with the app already loaded.
 
 This file is the handshake; the servers live next to it and are imported by the processes that
 run them (a WSGI process never loads asyncio):
@@ -12,6 +14,7 @@ run them (a WSGI process never loads asyncio):
 - ``appmanager_python_wsgi.py``: the WSGI server, one request at a time
 - ``appmanager_python_asgi.py``: the ASGI server, an asyncio loop with many requests at once
 - ``appmanager_python_websocket.py``: WebSocket connections (RFC 6455) for the ASGI server
+- ``appmanager_python_preloader.py``: smart spawning, the preloader and its forked processes
 
 Standard library only: it runs under whatever interpreter, and virtualenv, the app uses.
 """
@@ -38,19 +41,22 @@ if TYPE_CHECKING:
     # Run as a script, the shim imports its modules from its own directory; mypy, run from the
     # repository root, knows them by their package path.
     from spawners.python import appmanager_python_handoff as handoff
+    from spawners.python import appmanager_python_preloader as preloader
     from spawners.python.appmanager_python_asgi import Worker as AsgiWorker
     from spawners.python.appmanager_python_wsgi import Worker as WsgiWorker
 else:
     import appmanager_python_handoff as handoff
+    import appmanager_python_preloader as preloader
 
 PROTOCOL = 1
 # The app types SPAWN may name: "python" lets the shim decide between the two others.
 APP_TYPES = ("python", "wsgi", "asgi")
+# How SPAWN may ask for processes: "direct" serves itself, "smart" preloads and forks (spawn.md).
+SPAWN_METHODS = ("direct", "smart")
 # The module of each app type's server, imported only once the app type is known.
 WORKER_MODULES = {"wsgi": "appmanager_python_wsgi", "asgi": "appmanager_python_asgi"}
 # An ERROR message must fit in one control-channel message; a traceback's end is the useful part.
 MAX_TRACEBACK = 64 * 1024
-PR_SET_PDEATHSIG = 1
 
 ProtocolError = handoff.ProtocolError
 log = handoff.log
@@ -75,6 +81,10 @@ class SpawnConfig:
     environment: str
     base_uri: str
     app_name: str
+    spawn_method: str
+    # The core's pid, which a forked process may find as its parent once the preloader is gone;
+    # None when SPAWN does not say (then it is the preloader's parent).
+    core_pid: int | None
 
     @classmethod
     def from_message(cls, message: bytes) -> SpawnConfig:
@@ -98,6 +108,8 @@ class SpawnConfig:
                 environment=str(data.get("environment", "production")),
                 base_uri=str(data.get("base_uri") or ""),
                 app_name=str(data.get("app_name", "")),
+                spawn_method=str(data.get("spawn_method") or "direct"),
+                core_pid=int(data["core_pid"]) if data.get("core_pid") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"SPAWN message lacks or mangles a key: {exc!r}") from None
@@ -125,6 +137,8 @@ def prepare(config: SpawnConfig, control_fd: int, progress_fd: int, parent_pid: 
         )
     if config.app_type not in APP_TYPES:
         raise ProtocolError(f"app_type {config.app_type!r} is not served by the Python shim")
+    if config.spawn_method not in SPAWN_METHODS:
+        raise ProtocolError(f"spawn_method {config.spawn_method!r} is not one of {SPAWN_METHODS}")
     # Subprocesses the app starts must not keep the control channel open: the core counts on EOF.
     os.set_inheritable(control_fd, False)
     os.set_inheritable(progress_fd, False)
@@ -147,25 +161,17 @@ def die_with_parent(parent_pid: int) -> None:
 
     Best effort: other systems have no PR_SET_PDEATHSIG and rely on EOF on the control channel.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            return
-    except (OSError, AttributeError):
+    if not preloader.set_parent_death_signal(signal.SIGKILL):
         return
     # The core may have died before prctl took effect; then nothing would ever kill us.
     if os.getppid() != parent_pid:
         os._exit(1)
 
 
-def load_app(config: SpawnConfig) -> Callable[..., Any]:
-    """Step LOAD_APP: imports the startup file and returns the first callable it names."""
+def load_app(config: SpawnConfig) -> tuple[ModuleType, Callable[..., Any]]:
+    """Step LOAD_APP: imports the startup file; returns it and the first callable it names."""
     module = import_startup_file(config.startup_file, config.app_root)
-    return find_callable(module, config.callables, config.startup_file)
+    return module, find_callable(module, config.callables, config.startup_file)
 
 
 def served_as(app_type: str, app: Callable[..., Any]) -> str:
@@ -301,7 +307,8 @@ def failure_message(step: str, exc: BaseException) -> dict[str, str]:
 
 
 def main() -> int:
-    """Runs the handshake, then serves until the core closes the control channel."""
+    """Runs the handshake, then serves until the core closes the control channel; or, for smart
+    spawning, preloads the app and forks the processes that serve."""
     parent_pid = os.getppid()
     # The core handles Ctrl-C for the whole process group and stops us with EOF or TERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -323,21 +330,32 @@ def main() -> int:
         config = SpawnConfig.from_message(control.recv(handoff.MAX_MESSAGE))
         prepare(config, control_fd, progress_fd, parent_pid)
         step = "LOAD_APP"
-        app = load_app(config)
+        module, app = load_app(config)
         app_type = served_as(config.app_type, app)
-        worker = worker_class(app_type)(
+        server = worker_class(app_type)
+    except BaseException as exc:  # SystemExit from the app's import is a failed LOAD_APP too
+        return fail(control, step, exc)
+    forked = None
+    if config.spawn_method == "smart":
+        forked = preload(control, control_fd, progress_fd, config.core_pid or parent_pid, app_type)
+        if isinstance(forked, int):
+            return forked
+        # A forked process from here on: its own channels, and what fails is step LISTEN.
+        control, progress_fd = forked.control, forked.progress_fd
+        step = "LISTEN"
+    try:
+        if forked is not None:
+            preloader.run_after_fork_hook(module)
+        worker = server(
             control, progress_fd, app, config.base_uri, config.environment == "development"
         )
-        # The app's own start-up (an ASGI app's lifespan) is part of loading it.
+        # The app's own start-up (an ASGI app's lifespan) is part of loading it, or, in a forked
+        # process, of getting ready to listen.
         worker.startup()
         step = "LISTEN"
         worker.listen()
-    except BaseException as exc:  # SystemExit from the app's import is a failed LOAD_APP too
-        try:
-            send_message(control, "ERROR", failure_message(step, exc))
-        except OSError:
-            traceback.print_exception(exc)
-        return 1
+    except BaseException as exc:
+        return fail(control, step, exc)
     ready = {
         "pid": os.getpid(),
         "concurrency": worker.concurrency,
@@ -351,6 +369,33 @@ def main() -> int:
         return 1
     worker.serve()
     return 0
+
+
+def fail(control: socket.socket, step: str, exc: BaseException) -> int:
+    """Answers ERROR for a failed step; returns the exit status that goes with it."""
+    try:
+        send_message(control, "ERROR", failure_message(step, exc))
+    except OSError:
+        traceback.print_exception(exc)
+    return 1
+
+
+def preload(
+    control: socket.socket, control_fd: int, progress_fd: int, core_pid: int, app_type: str
+) -> preloader.ForkedChannels | int:
+    """Smart spawning, once the app is loaded: answers PRELOADER and forks processes on command
+    until the core lets go of the preloader; returns the preloader's exit status then. In each
+    forked process it returns that process's own channels instead."""
+    # The preloader takes over SIGCHLD and SIGTERM before the core can ask it for anything.
+    loop = preloader.Preloader(control, control_fd, progress_fd, core_pid)
+    answer = {"pid": os.getpid(), "app_type": app_type, "protocol": PROTOCOL}
+    try:
+        send_message(control, "PRELOADER", answer)
+    except OSError as exc:
+        log(f"the core went away before PRELOADER: {exc}")
+        return 1
+    forked = loop.serve()
+    return 0 if forked is None else forked
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Plays the core for the Python shim's tests: starts the shim with the control channel on fd 3
 and the progress file on fd 4, does the handshake, and hands it real loopback TCP connections by
-SCM_RIGHTS (docs/protocol/spawn.md, handoff.md). The client's end reads what the shim writes."""
+SCM_RIGHTS (docs/protocol/spawn.md, handoff.md). The client's end reads what the shim writes.
+A shim started as a preloader forks processes on ``Shim.fork``, each driven as a Shim too."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import fcntl
 import json
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -137,25 +139,142 @@ class Connection:
         self.server.close()
 
 
+class ForkedProcess:
+    """A process a preloader forked, seen from the test, which is not its parent: the preloader
+    reaps it and reports its status with EXITED, unless the preloader died first and the process
+    was re-parented to the test (the test runner is a child subreaper)."""
+
+    def __init__(self, pid: int, preloader: Shim) -> None:
+        self.pid = pid
+        self.preloader = preloader
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """The exit status once the process is gone and its status known, else None."""
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            reaped, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            reaped = 0
+        if reaped:
+            self.returncode = os.waitstatus_to_exitcode(status)
+        else:
+            self.preloader.collect_exits()
+            self.returncode = self.preloader.exited.get(self.pid)
+        return self.returncode
+
+    def alive(self) -> bool:
+        """Whether the process runs: it exists and is not a zombie."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rpartition(")")[2].split()[0] != "Z"
+
+    def wait(self, timeout: float) -> int | None:
+        """Waits until the process is gone; returns its status, or None when it is gone and
+        nobody is left to report it."""
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            gone = not os.path.exists(f"/proc/{self.pid}")
+            if gone and self.preloader.process.poll() is not None:
+                return self.poll()
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @dataclass
 class Shim:
-    """A running shim process and the core's ends of its channels."""
+    """A running shim process and the core's ends of its channels; for a preloader, the
+    processes it forked and the exits it reported."""
 
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | ForkedProcess
     control: socket.socket
     progress_path: Path
     log_path: Path
     listener: socket.socket
     seq: int = 0
     connections: list[Connection] = field(default_factory=list)
+    fork_seq: int = 0
+    forked: list[Shim] = field(default_factory=list)
+    # EXITED as a preloader reported it: pid -> status.
+    exited: dict[int, int] = field(default_factory=dict)
 
     def handshake(self, **overrides: Any) -> tuple[str, dict[str, Any]]:
         """Sends SPAWN; returns the answer's tag and payload."""
         config = {"protocol": 1, "app_type": "wsgi", "callables": ["application", "app"]}
         config.update(overrides)
         self.control.send(b"SPAWN " + json.dumps(config).encode())
+        return self.answer()
+
+    def answer(self) -> tuple[str, dict[str, Any]]:
+        """Reads one handshake message (a forked process's READY or ERROR, say): tag and
+        payload."""
         tag, _, payload = self.control.recv(1 << 20).partition(b" ")
         return tag.decode(), json.loads(payload)
+
+    def fork(self) -> Shim:
+        """Has a preloader fork a process, as the core does: FORK with a new control channel
+        and progress file, then FORKED. The new process's READY is still to be read (answer)."""
+        self.fork_seq += 1
+        seq = self.fork_seq
+        core_end, process_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        core_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        core_end.settimeout(TIMEOUT)
+        progress_path = self.progress_path.with_name(f"progress-{seq}")
+        progress_path.write_bytes(bytes(8))
+        progress_fd = os.open(progress_path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            command = b"FORK " + json.dumps({"seq": seq}).encode()
+            socket.send_fds(self.control, [command], [process_end.fileno(), progress_fd])
+        finally:
+            process_end.close()
+            os.close(progress_fd)
+        tag, payload = self.next_message()
+        assert (tag, payload.get("seq")) == ("FORKED", seq), f"{tag} {payload}:\n{self.log()}"
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(TIMEOUT)
+        process = ForkedProcess(payload["pid"], self)
+        child = Shim(process, core_end, progress_path, self.log_path, listener)
+        self.forked.append(child)
+        return child
+
+    def next_message(self) -> tuple[str, dict[str, Any]]:
+        """A preloader's next message other than EXITED; the EXITED before it are recorded."""
+        while True:
+            tag, payload = self.answer()
+            if tag != "EXITED":
+                return tag, payload
+            self.exited[payload["pid"]] = payload["status"]
+
+    def wait_exited(self, pid: int) -> int:
+        """Reads a preloader's messages until it reports ``pid`` exited; returns the status."""
+        while pid not in self.exited:
+            tag, payload = self.answer()
+            assert tag == "EXITED", f"{tag} {payload}"
+            self.exited[payload["pid"]] = payload["status"]
+        return self.exited[pid]
+
+    def collect_exits(self) -> None:
+        """Records the EXITED messages a preloader has sent, without waiting for more."""
+        while self.control.fileno() != -1 and select.select([self.control], [], [], 0)[0]:
+            message = self.control.recv(1 << 20)
+            if not message:
+                return
+            tag, _, payload = message.partition(b" ")
+            assert tag == b"EXITED", message
+            data = json.loads(payload)
+            self.exited[data["pid"]] = data["status"]
 
     def connect(self) -> Connection:
         connection = Connection(self.listener)
@@ -260,6 +379,8 @@ class Shim:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
+        for child in self.forked:
+            child.stop()
         for connection in self.connections:
             connection.close()
         self.control.close()
