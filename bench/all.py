@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Run the hello-world benchmarks one after the other: WSGI, ASGI, Ruby (Rack), Node.
+"""Run the benchmarks one after the other: WSGI, ASGI, Ruby (Rack), Node, process lifecycle.
 
-    python3 bench/all.py [--only wsgi,asgi,ruby,node] [options passed to every script]
+    python3 bench/all.py [--only wsgi,asgi,ruby,node,lifecycle] [options passed to every script]
     python3 bench/all.py --write-docs --rounds 3
 
 Options other than --only go to every script unchanged (--duration, --rounds, --connections,
---warmup, --out, --appmanager-cmd, --appmanager-rev, --write-docs, --keep-tmp). Each script runs
-in its own session; Ctrl-C or SIGTERM here is passed on to the one running (as SIGTERM), which
-stops its peers, and the rest are skipped. Exit status: the worst of the scripts' (0 all fine,
+--warmup, --out, --appmanager-cmd, --appmanager-rev, --write-docs, --keep-tmp; lifecycle.py runs
+no wrk and ignores --duration, --warmup and --connections). Each script runs in its own session;
+Ctrl-C or SIGTERM here is passed on to the one running (as SIGTERM), which stops its peers, and
+the rest are skipped. Exit status: the worst of the scripts' (0 all fine,
 1 a peer failed, 2 a tool missing), or 130/143 when interrupted.
 """
 
@@ -26,6 +27,7 @@ SCRIPTS = {
     "asgi": "asgi_hello.py",
     "ruby": "ruby_hello.py",
     "node": "node_hello.py",
+    "lifecycle": "lifecycle.py",
 }
 #: The options every script accepts, with whether each takes a value.
 SHARED_OPTIONS = {
