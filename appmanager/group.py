@@ -54,7 +54,7 @@ class Group:
         # Node apps take whole connections; every other type takes one request at a time.
         self.per_connection = app.spec.app_type == "node"
         method = self.settings["spawn_method"]
-        self.smart = app.spec.language in ("python", "ruby") and method == "smart"
+        self.smart = app.spec.language in ("python", "ruby") and method != "direct"
         self.preloader: Preloader | None = None
         self.metrics = AppMetrics()
         self._preloader_starting: asyncio.Future[Preloader] | None = None
@@ -372,7 +372,6 @@ class Group:
         """A process was reaped: forget it and replace it when the app needs one."""
         if proc in self.processes:
             self.processes.remove(proc)
-        self.pool.emit("exited", app=self.name, pid=proc.pid, status=proc.exit_status)
         self.pool.on_process_exited(self)
         if self.pool.stopping:
             return

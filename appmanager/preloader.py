@@ -56,8 +56,9 @@ class Preloader:
         self._loop.add_reader(self.pidfd, self._on_exit)
         log.info("preloader %d of app %s is ready", self.pid, self.group.name)
 
-    async def fork(self, ctl_fd: int, progress_fd: int, timeout: float) -> int:
-        """Ask for one more process, with its control channel and progress file; return its pid."""
+    async def fork(self, ctl_fd: int, progress_fd: int, output_fd: int, timeout: float) -> int:
+        """Ask for one more process, with its control channel, progress file and output pipe;
+        return its pid."""
         if not self.alive:
             raise SpawnError("PREPARE", "the preloader is gone")
         self._seq += 1
@@ -65,7 +66,7 @@ class Preloader:
         fut: asyncio.Future[int] = self._loop.create_future()
         self._forks[seq] = fut
         message = b"FORK " + json.dumps({"seq": seq}).encode()
-        fds = struct.pack("ii", ctl_fd, progress_fd)
+        fds = struct.pack("iii", ctl_fd, progress_fd, output_fd)
         self.last_fork = time.monotonic()
         try:
             self.ctl.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])

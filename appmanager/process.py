@@ -304,7 +304,9 @@ class Process:
         self._log_exit()
 
     def _log_exit(self) -> None:
+        """The fixed exit line and the ``exited`` event, once the status is known."""
         code = self.exit_status
+        self.group.pool.emit("exited", app=self.group.name, pid=self.pid, status=code)
         if code is None:
             log.info("process %d exited", self.pid)
         elif code < 0:

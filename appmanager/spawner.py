@@ -209,21 +209,28 @@ async def start_preloader(group: Group) -> Preloader:
 
 
 async def _spawn_forked(group: Group, preloader: Preloader) -> Process:
-    """One more process forked from the app's preloader."""
+    """One more process forked from the app's preloader, with an output pipe of its own."""
     core_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     progress_fd = os.memfd_create("appmanager-progress", os.MFD_CLOEXEC)
     os.ftruncate(progress_fd, 8)
+    out_r, out_w = os.pipe()
     started = time.monotonic()
     try:
-        pid = await preloader.fork(child_end.fileno(), progress_fd, group.settings["start_timeout"])
+        pid = await preloader.fork(
+            child_end.fileno(), progress_fd, out_w, group.settings["start_timeout"]
+        )
     except SpawnError:
         core_end.close()
         os.close(progress_fd)
+        os.close(out_r)
         raise
     finally:
         child_end.close()
+        os.close(out_w)
     core_end.setblocking(False)
-    proc = Process(group, pid, core_end, progress_fd, os.pidfd_open(pid), preloader.output, 1)
+    output = OutputCapture(asyncio.get_running_loop(), out_r, group.name)
+    output.pid = pid
+    proc = Process(group, pid, core_end, progress_fd, os.pidfd_open(pid), output, 1)
     proc.preloader = preloader
     reply = await _handshake(group, proc, lambda: None, _datagram_reply)
     kind, _, payload = reply.partition(b" ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -157,11 +158,18 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def preloader_pids(self) -> set[int]:
+        """Preloaders (smart spawning) of this server, from their fixed log line."""
+        return {int(pid) for pid in re.findall(r"preloader (\d+) of app", self.log())}
+
     def app_processes(self) -> list[psutil.Process]:
+        """The processes serving requests: the core's descendants but its preloaders."""
         try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
+            children = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+        preloaders = self.preloader_pids()
+        return [p for p in children if p.pid not in preloaders]
 
     def wait_for_log(self, text: str, timeout: float = 15.0) -> str:
         deadline = time.monotonic() + timeout

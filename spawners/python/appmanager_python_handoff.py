@@ -15,8 +15,8 @@ import time
 
 # The core sends inline bodies of up to 256 KiB plus the head; 1 MiB leaves room for big heads.
 MAX_MESSAGE = 1 << 20
-# Room for the two descriptors a request message can carry: the client connection and the body file.
-ANCILLARY_SIZE = socket.CMSG_SPACE(2 * struct.calcsize("i"))
+# Room for the most descriptors a message carries: three, in a FORK (channel, progress, output).
+ANCILLARY_SIZE = socket.CMSG_SPACE(3 * struct.calcsize("i"))
 # recvmsg marks received descriptors close-on-exec, so subprocesses of the app never hold clients.
 RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 # Plain ints: the socket module's flags are IntFlag enums, slow to combine on every request.

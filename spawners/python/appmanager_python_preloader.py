@@ -192,28 +192,39 @@ class Preloader:
             if tag != b"FORK":
                 raise ProtocolError(f"expected a FORK command, got {message[:40]!r}")
             seq = fork_seq(payload)
-            if msg_flags & handoff.TRUNCATED or len(fds) != 2:
-                raise ProtocolError(f"FORK {seq} came with {len(fds)} descriptors, not 2")
+            if msg_flags & handoff.TRUNCATED or len(fds) not in (2, 3):
+                raise ProtocolError(f"FORK {seq} came with {len(fds)} descriptors, not 2 or 3")
         except ProtocolError as exc:
             for fd in fds:
                 os.close(fd)
             self.refuse(seq, exc)
             return None
-        return self.fork(seq, fds[0], fds[1])
+        output_fd = fds[2] if len(fds) == 3 else -1
+        return self.fork(seq, fds[0], fds[1], output_fd)
 
-    def fork(self, seq: int, control_fd: int, progress_fd: int) -> ForkedChannels | None:
-        """Forks a process that will serve on ``control_fd`` and ``progress_fd``; in the
-        preloader answers FORKED and returns None, in the child returns its channels."""
+    def fork(
+        self, seq: int, control_fd: int, progress_fd: int, output_fd: int = -1
+    ) -> ForkedChannels | None:
+        """Forks a process that will serve on ``control_fd`` and ``progress_fd`` (and write its
+        stdout and stderr to ``output_fd`` when given); in the preloader answers FORKED and
+        returns None, in the child returns its channels."""
         self.before_fork()
         try:
             pid = os.fork()
         except OSError as exc:
             os.close(control_fd)
             os.close(progress_fd)
+            if output_fd >= 0:
+                os.close(output_fd)
             self.refuse(seq, exc)
             return None
         if pid == 0:
             try:
+                if output_fd >= 0:
+                    # The process's own output pipe: the core logs its lines with its pid.
+                    os.dup2(output_fd, 1)
+                    os.dup2(output_fd, 2)
+                    os.close(output_fd)
                 return self.become_forked_process(control_fd, progress_fd)
             except BaseException:
                 # Nothing of the preloader's may run on in this process.
@@ -221,6 +232,8 @@ class Preloader:
                 os._exit(1)
         os.close(control_fd)
         os.close(progress_fd)
+        if output_fd >= 0:
+            os.close(output_fd)
         try:
             # The child does the same: the core signals a process's group, so the child must
             # lead one by the time the core hears of it, whichever of the two runs first.

@@ -1336,9 +1336,9 @@ module AppManager
       tag, _, payload = message.partition(" ")
       data = HandshakeJSON.parse(payload) if tag == "FORK"
       seq = data["seq"] if data.is_a?(Hash)
-      return seq if seq.is_a?(Integer) && ios.length == 2 && (msg_flags & TRUNCATED).zero?
+      return seq if seq.is_a?(Integer) && [2, 3].include?(ios.length) && (msg_flags & TRUNCATED).zero?
 
-      AppManager.log("ignoring a message that is not FORK with 2 fds: #{message[0, 80].inspect}")
+      AppManager.log("ignoring a message that is not FORK with 2 or 3 fds: #{message[0, 80].inspect}")
       nil
     rescue HandshakeJSON::ParseError
       AppManager.log("ignoring an unreadable FORK message: #{message[0, 80].inspect}")
@@ -1356,6 +1356,15 @@ module AppManager
       # only; Ruby's reopen marks the new fds close-on-exec.
       @control.reopen(ios[0])
       @progress.reopen(ios[1])
+      if ios[2]
+        # The process's own output pipe: the core logs its lines with its pid.
+        $stdout.reopen(ios[2])
+        $stderr.reopen(ios[2])
+        # reopen resets the streams' sync flag (a logger set it on them in the preloader): lines
+        # must reach the core as they are written, not when a buffer fills.
+        $stdout.sync = true
+        $stderr.sync = true
+      end
       ios.each(&:close)
       # fork(2) already cleared the parent-death signal the preloader set: it is the preloader's
       # own, and the watchdog replaces it here.
