@@ -131,9 +131,7 @@ class ProxyProcess(Process):
         try:
             upstream = await self._upstream()
             await self._send_request(upstream, conn, request)
-            relayed, keep, upstream_keep = await self._relay(
-                upstream, conn, request, state, parser
-            )
+            relayed, keep, upstream_keep = await self._relay(upstream, conn, request, state, parser)
             keep = keep and keep_alive
             if upstream_keep and len(self._idle) < MAX_IDLE and self.state is ProcessState.READY:
                 self._idle.append(upstream)
