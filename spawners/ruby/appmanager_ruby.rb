@@ -1349,6 +1349,9 @@ module AppManager
     # descriptors at the preloader's fds 3 and 4, and starts watching for the core's death.
     # Anything failing here leaves no channel to report on, so it is logged and the process exits.
     def become_forked(ios)
+      # Its own process group: the core stops a process by signalling its group, which takes
+      # the app's own subprocesses along, and must not reach the preloader's.
+      Process.setpgid(0, 0)
       Signal.trap("CHLD", "DEFAULT")
       @wake_r.close
       @wake_w.close
