@@ -1316,6 +1316,13 @@ module AppManager
       # EOF on the new channel.
       ios.each(&:close)
       if pid
+        begin
+          # The child does the same; whichever runs first, its group exists before the core
+          # hears of the process.
+          Process.setpgid(pid, pid)
+        rescue SystemCallError
+          nil # it exited already: the reaping reports it
+        end
         @children[pid] = seq
         AppManager.send_message(@control, "FORKED", { "seq" => seq, "pid" => pid })
       end
