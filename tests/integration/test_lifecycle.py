@@ -176,3 +176,52 @@ app_start_command = "python3 server.py"
         time.sleep(0.05)
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
     assert os.path.exists(server.instance_dir)  # a killed core cannot clean up; no process lives
+
+
+def test_preloader_stops_when_idle_and_comes_back(server_factory) -> None:
+    server = server_factory(
+        APPS / "wsgi_echo",
+        "--max-preloader-idle-time",
+        "1",
+        "--max-pool-size",
+        "3",
+        "--pool-idle-time",
+        "0",
+    )
+    (first,) = server.preloader_pids()
+    log = server.wait_for_log(f"preloader {first} of app wsgi_echo stopping: idle for", timeout=10)
+    assert "(max_preloader_idle_time)" in log
+    server.wait_for_log(f"preloader {first} exited with status 0")
+    # The process it forked keeps serving without it.
+    assert get(server.port, "/app/pid").status == 200
+    # A burst needs more processes: a new preloader loads the app and forks them.
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(lambda _: get(server.port, "/app/sleep?0.5"), range(3)))
+    assert all(r.status == 200 for r in responses)
+    assert len(server.preloader_pids()) == 2
+
+
+def test_direct_spawning_has_no_preloader(server_factory) -> None:
+    server = server_factory(APPS / "wsgi_echo", "--spawn-method", "direct")
+    assert server.preloader_pids() == set()
+    assert "forked by preloader" not in server.log()
+    assert get(server.port, "/app/pid").status == 200
+
+
+def test_after_fork_hook_runs_in_each_process(server_factory, tmp_path: Path) -> None:
+    app = tmp_path / "hooked"
+    app.mkdir()
+    marker = tmp_path / "forks"
+    (app / "passenger_wsgi.py").write_text(
+        "import os\n"
+        f"MARKER = {str(marker)!r}\n"
+        "def appmanager_after_fork():\n"
+        "    with open(MARKER, 'a') as f:\n"
+        "        f.write(str(os.getpid()) + '\\n')\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [str(os.getpid()).encode()]\n"
+    )
+    server = server_factory(app, "--min-instances", "2")
+    hooked = {int(line) for line in marker.read_text().split()}
+    assert hooked == {p.pid for p in server.app_processes()}
