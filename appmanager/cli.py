@@ -36,11 +36,14 @@ def _setting_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 help=setting.doc + " (repeatable)",
             )
         elif setting.type == "bool":
+            # `--daemonize` alone means on; `--rolling-restarts off` takes a value.
             option = click.option(
                 *names,
                 setting.name,
-                is_flag=True,
+                is_flag=False,
+                flag_value="on",
                 default=None,
+                metavar="[on|off]",
                 help=setting.doc + default_text,
             )
         else:

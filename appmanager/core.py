@@ -161,6 +161,7 @@ class Core:
         # own orphans come here too, and are reaped in the sweep.
         _become_subreaper()
         self.loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
+        self.loop.add_signal_handler(signal.SIGHUP, self._restart_all)
         self.listeners.append(Listener(self, self._tcp, self.url))
         if self._unix is not None:
             self.listeners.append(Listener(self, self._unix, self.settings["socket"]))
@@ -263,6 +264,12 @@ class Core:
         if self.pool.access_log is not None:
             self.pool.access_log.flush()
         self._schedule_sweep()
+
+    def _restart_all(self) -> None:
+        """SIGHUP: restart every app (rolling, as configured)."""
+        log.info("received SIGHUP; restarting every app")
+        for group in self.pool.groups:
+            group.restart_soon()
 
     def _reopen_logs(self) -> None:
         if self.pool.access_log is not None:

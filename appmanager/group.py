@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import random
 import time
 from typing import TYPE_CHECKING
@@ -57,6 +58,18 @@ class Group:
         self.smart = app.spec.language in ("python", "ruby") and method != "direct"
         self.preloader: Preloader | None = None
         self.metrics = AppMetrics()
+        custom = self.settings["custom_error_page"]
+        self._custom_page: str | None = None
+        if custom:
+            with open(custom, encoding="utf-8", errors="replace") as f:
+                self._custom_page = f.read()
+        # Restart triggers: restart.txt's last modification seen, always_restart.txt's presence.
+        restart_dir = os.path.join(app.spec.root, self.settings["restart_dir"])
+        self._restart_txt = os.path.join(restart_dir, "restart.txt")
+        self._always_txt = os.path.join(restart_dir, "always_restart.txt")
+        self._restart_mtime = _mtime(self._restart_txt)
+        self.always_restart = os.path.exists(self._always_txt)
+        self._restarting: asyncio.Task[str | None] | None = None
         self._preloader_starting: asyncio.Future[Preloader] | None = None
         self.processes: list[Process] = []
         self.spawning = 0
@@ -119,6 +132,14 @@ class Group:
     def dispatch(self, conn: Connection, request: Request | bytes) -> None:
         """Hand ``request`` to the least-busy process, or put it in the wait-list. For an app that
         takes whole connections, ``request`` is the bytes read so far from the connection."""
+        if self.always_restart:
+            # tmp/always_restart.txt (development): every request gets freshly loaded code. The
+            # restart is blocking, so the request waits for the new process.
+            if self._restarting is None or self._restarting.done():
+                self.restart_soon(rolling=False)
+            self.wait_list.append((conn, request))
+            conn.waiting = self
+            return
         while True:
             proc = balancer.least_busy(self.processes)
             if proc is None:
@@ -204,7 +225,12 @@ class Group:
 
     def _answer_boot_error(self, conn: Connection) -> None:
         assert self.boot_error is not None
-        page = errors.boot_error_page(self.name, self.boot_error, details=self.development)
+        if self._custom_page is not None:
+            page = self._custom_page
+        else:
+            friendly = self.settings["friendly_error_pages"]
+            details = self.development if friendly is None else bool(friendly)
+            page = errors.boot_error_page(self.name, self.boot_error, details=details)
         conn.respond(errors.html_response(500, page))
 
     # -- spawning --------------------------------------------------------------------------------
@@ -289,11 +315,36 @@ class Group:
         if self.wait_list:
             self._grow()
 
+    def check_restart_files(self) -> None:
+        """Called every few seconds: a touched restart.txt restarts the app."""
+        self.always_restart = os.path.exists(self._always_txt)
+        mtime = _mtime(self._restart_txt)
+        if mtime != self._restart_mtime:
+            self._restart_mtime = mtime
+            if mtime is not None:
+                log.info("app %s: %s changed; restarting", self.name, self._restart_txt)
+                self.restart_soon()
+
+    def restart_soon(self, rolling: bool | None = None) -> asyncio.Task[str | None]:
+        """Start a restart, or join the one under way (one at a time per app). ``rolling``
+        None follows the rolling_restarts setting."""
+        if self._restarting is None or self._restarting.done():
+            if rolling is None:
+                rolling = bool(self.settings["rolling_restarts"])
+            task = asyncio.get_running_loop().create_task(self._restart(rolling))
+            self._restarting = task
+        return self._restarting
+
     async def restart(self) -> str | None:
-        """Replace every process with a new one, rolling: each new process is ready before an
-        old one is retired, and old ones finish their requests. When the new version cannot
-        boot, the old processes keep serving and the error is returned (and kept in
-        ``boot_error`` for the status)."""
+        """Restart the app (see ``_restart``); concurrent callers share one restart."""
+        return await self.restart_soon()
+
+    async def _restart(self, rolling: bool) -> str | None:
+        """Replace every process with a new one. Rolling (the default): each new process is
+        ready before an old one is retired, and old ones finish their requests, so no request
+        waits. Blocking (``rolling_restarts`` off): the old processes are retired first and
+        requests wait in the wait-list, none failing. When the new version cannot boot, the old
+        processes keep serving (rolling) and the error is returned and kept in ``boot_error``."""
         self.pool.emit("restart_begun", app=self.name)
         log.info("app %s: restart begun", self.name)
         old = [p for p in self.processes if p.state is ProcessState.READY]
@@ -302,6 +353,10 @@ class Group:
             self.preloader.stop("the app is restarting")
             self.preloader = None
         count = max(1, self.settings["min_instances"], len(old))
+        if not rolling:
+            for proc in old:
+                proc.retire("the app is restarting")
+            old = []
         for _ in range(count):
             if not self._has_room() and old:
                 old.pop(0).retire("the app is restarting")
@@ -315,6 +370,8 @@ class Group:
                     log.error("app %s: %s", self.name, exc.traceback.rstrip())
                 self.boot_error = exc
                 self.pool.emit("spawn_failed", app=self.name, step=exc.step, message=exc.message)
+                if not self.ready_count():
+                    self._spawn_failed(exc)
                 return str(exc)
             self.spawning -= 1
             self._add_ready(proc)
@@ -411,3 +468,10 @@ class Group:
 def _discard(request: Request | bytes) -> None:
     if not isinstance(request, bytes):
         request.discard()
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None

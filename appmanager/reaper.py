@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("appmanager")
 
 MEMORY_CHECK_INTERVAL = 2.0
+# restart.txt is looked at this often (a stat per app): "touch it and within seconds".
+RESTART_FILE_INTERVAL = 1.0
 MB = 1024 * 1024
 
 
@@ -37,13 +39,19 @@ class Reaper:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self._next_memory_check = 0.0
+        self._next_file_check = 0.0
 
     def sweep(self) -> None:
         now = time.monotonic()
         check_memory = now >= self._next_memory_check
         if check_memory:
             self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+        check_files = now >= self._next_file_check
+        if check_files:
+            self._next_file_check = now + RESTART_FILE_INTERVAL
         for group in self.pool.groups:
+            if check_files:
+                group.check_restart_files()
             self._request_time(group, now)
             self._idle(group, now)
             if check_memory:

@@ -55,6 +55,13 @@ def _writable_parent(value: Any) -> None:
         raise ValueError(f"directory {parent} is not writable")
 
 
+def _readable_file(value: Any) -> None:
+    if not os.path.isfile(value):
+        raise ValueError(f"file {value} does not exist")
+    if not os.access(value, os.R_OK):
+        raise ValueError(f"file {value} is not readable")
+
+
 def _nonempty(value: Any) -> None:
     if not str(value).strip():
         raise ValueError("must not be empty")
@@ -301,6 +308,41 @@ SETTINGS: tuple[Setting, ...] = (
         "Read apps and settings from this appmanager.toml file.",
         metavar="FILE",
         file=False,
+    ),
+    Setting(
+        "restart_dir",
+        "path",
+        "tmp",
+        Scope.APP,
+        "Where to look for restart.txt (touch it to restart the app, rolling) and "
+        "always_restart.txt (restart before every request); relative to the app root.",
+        metavar="DIR",
+    ),
+    Setting(
+        "rolling_restarts",
+        "bool",
+        True,
+        Scope.APP,
+        "Restart by starting new processes before stopping old ones, so that no request waits. "
+        "Off: stop the old processes first; requests wait (none fail) until new ones are ready.",
+    ),
+    Setting(
+        "friendly_error_pages",
+        "bool",
+        None,
+        Scope.APP,
+        "Show the failed step, the error and the app's output in the browser when the app "
+        "cannot boot (default: on in development, off otherwise).",
+    ),
+    Setting(
+        "custom_error_page",
+        "path",
+        None,
+        Scope.APP,
+        "An HTML file served, with status 500, instead of the built-in page when the app "
+        "cannot boot.",
+        validator=_readable_file,
+        metavar="FILE",
     ),
     Setting(
         "min_instances",

@@ -1,0 +1,225 @@
+"""Restarts without losing a request: under steady load from many clients, each kind of restart of
+a Python, a Ruby and a Node app fails zero requests and leaves no old process behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import APPS, HttpReader, get
+
+CLIENTS = 8
+
+
+@dataclass
+class Load:
+    """Clients that send requests in a loop on keep-alive connections until stopped.
+
+    A request that gets no answer on a connection that had served others is sent again on a new
+    connection, as HTTP clients do (RFC 9112 9.3.1: the server may close an idle connection); any
+    other error, and any status but 200, is a failure.
+    """
+
+    port: int
+    path: str
+    ok: int = 0
+    retried: int = 0
+    failures: list[str] = field(default_factory=list)
+    pids: set[str] = field(default_factory=set)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        for _ in range(CLIENTS):
+            thread = threading.Thread(target=self._client, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def _client(self) -> None:
+        sock: socket.socket | None = None
+        reader: HttpReader | None = None
+        served_on_sock = 0
+        deadline = time.monotonic() + 60  # bounded whatever happens
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if sock is None:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=20)
+                reader = HttpReader(sock)
+                served_on_sock = 0
+            assert reader is not None
+            try:
+                sock.sendall(f"GET {self.path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+                resp = reader.read()
+            except (ConnectionError, OSError) as exc:
+                sock.close()
+                sock = None
+                if served_on_sock:
+                    with self._lock:
+                        self.retried += 1
+                    continue
+                with self._lock:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            served_on_sock += 1
+            with self._lock:
+                if resp.status == 200:
+                    self.ok += 1
+                    self.pids.add(resp.body.decode().strip())
+                else:
+                    self.failures.append(f"status {resp.status}: {resp.body[:100]!r}")
+            if (resp.header("Connection") or "").lower() == "close":
+                sock.close()
+                sock = None
+        if sock is not None:
+            sock.close()
+
+
+APPS_BY_LANGUAGE = {
+    "python": "wsgi_echo",
+    "ruby": "echo_rack",
+    "node": "echo_node",
+}
+
+
+def copy_app(tmp_path: Path, language: str) -> Path:
+    app = tmp_path / language
+    shutil.copytree(APPS / APPS_BY_LANGUAGE[language], app, symlinks=True)
+    (app / "tmp").mkdir(exist_ok=True)
+    return app
+
+
+def old_pids_gone(server, old: set[int], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = {p.pid for p in server.app_processes()}
+        if not current & old:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def restart_with(kind: str, server, app: Path) -> None:
+    if kind == "restart.txt":
+        (app / "tmp" / "restart.txt").touch()
+    elif kind == "command":
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "appmanager",
+                "restart",
+                "--instance-dir",
+                str(server.instance_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+    else:
+        os.kill(server.proc.pid, signal.SIGHUP)
+
+
+@pytest.mark.parametrize("language", list(APPS_BY_LANGUAGE))
+@pytest.mark.parametrize("kind", ["restart.txt", "command", "SIGHUP"])
+def test_restart_under_load_fails_no_request(server_factory, tmp_path, language, kind) -> None:
+    app = copy_app(tmp_path, language)
+    server = server_factory(app, "--min-instances", "2", "--max-pool-size", "6")
+    old = {p.pid for p in server.app_processes()}
+    load = Load(server.port, "/app/pid")
+    load.start()
+    try:
+        time.sleep(0.7)
+        restart_with(kind, server, app)
+        server.wait_for_log("restart finished", timeout=30)
+        time.sleep(0.7)
+    finally:
+        load.stop()
+    assert not load.failures, load.failures[:5]
+    assert load.ok > 50
+    assert old_pids_gone(server, old), "old processes are still running"
+    new = {p.pid for p in server.app_processes()}
+    assert new and not new & old
+    assert get(server.port, "/app/pid").status == 200
+
+
+def test_blocking_restart_makes_requests_wait_but_fails_none(server_factory, tmp_path) -> None:
+    app = copy_app(tmp_path, "python")
+    server = server_factory(app, "--min-instances", "2", "--rolling-restarts", "off")
+    old = {p.pid for p in server.app_processes()}
+    load = Load(server.port, "/app/pid")
+    load.start()
+    try:
+        time.sleep(0.5)
+        (app / "tmp" / "restart.txt").touch()
+        server.wait_for_log("restart finished", timeout=30)
+        time.sleep(0.5)
+    finally:
+        load.stop()
+    assert not load.failures, load.failures[:5]
+    assert old_pids_gone(server, old)
+
+
+def test_always_restart_txt_reloads_before_each_request(server_factory, tmp_path) -> None:
+    app = copy_app(tmp_path, "python")
+    server = server_factory(app, "-e", "development")
+    (app / "tmp" / "always_restart.txt").touch()
+    time.sleep(1.5)  # the file is looked for about once a second
+    pids = {get(server.port, "/app/pid", timeout=30).body for _ in range(3)}
+    assert len(pids) == 3, "each request must be served by a freshly started process"
+    (app / "tmp" / "always_restart.txt").unlink()
+    time.sleep(1.5)
+    steady = {get(server.port, "/app/pid").body for _ in range(3)}
+    assert len(steady) == 1
+
+
+def test_restart_dir_option(server_factory, tmp_path) -> None:
+    app = copy_app(tmp_path, "python")
+    elsewhere = tmp_path / "signals"
+    elsewhere.mkdir()
+    server = server_factory(app, "--restart-dir", str(elsewhere))
+    old = {p.pid for p in server.app_processes()}
+    (elsewhere / "restart.txt").touch()
+    server.wait_for_log("restart finished", timeout=30)
+    assert old_pids_gone(server, old)
+
+
+def test_broken_deploy_keeps_the_old_version_serving(server_factory, tmp_path) -> None:
+    app = copy_app(tmp_path, "python")
+    server = server_factory(app, "--min-instances", "2")
+    old = {p.pid for p in server.app_processes()}
+    (app / "passenger_wsgi.py").write_text("raise RuntimeError('the new deploy is broken')\n")
+    load = Load(server.port, "/app/pid")
+    load.start()
+    try:
+        (app / "tmp" / "restart.txt").touch()
+        server.wait_for_log("restart failed, old processes keep serving", timeout=30)
+        time.sleep(0.5)
+    finally:
+        load.stop()
+    assert not load.failures, load.failures[:5]
+    assert "the new deploy is broken" in server.log()
+    # The old version answers on; the error shows in the status for the operator.
+    assert get(server.port, "/app/pid").status == 200
+    status = subprocess.run(
+        [sys.executable, "-m", "appmanager", "status", "--instance-dir", str(server.instance_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "failed to start: LOAD_APP failed" in status.stdout
+    assert old & {p.pid for p in server.app_processes()}
