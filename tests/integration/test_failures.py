@@ -130,3 +130,57 @@ def test_killed_app_process_is_replaced_to_min_instances(server_factory) -> None
             break
         time.sleep(0.05)
     assert server.log().count("entered READY") == 3
+
+
+def test_friendly_error_pages_in_production(server_factory) -> None:
+    server = server_factory(APPS / "boot_error", "--friendly-error-pages")
+    body = get(server.port).body
+    assert b"LOAD_APP" in body and b"this app is broken on purpose" in body
+
+
+def test_friendly_error_pages_off_in_development(server_factory) -> None:
+    server = server_factory(
+        APPS / "boot_error", "-e", "development", "--friendly-error-pages", "off"
+    )
+    body = get(server.port).body
+    assert b"could not be started" in body and b"broken on purpose" not in body
+
+
+def test_custom_error_page(server_factory, tmp_path: Path) -> None:
+    page = tmp_path / "sorry.html"
+    page.write_text("<html><body>We are sorry: maintenance.</body></html>")
+    server = server_factory(APPS / "boot_error", "--custom-error-page", str(page))
+    resp = get(server.port)
+    assert resp.status == 500
+    assert resp.body == page.read_bytes()
+
+
+def test_missing_custom_error_page_is_rejected_at_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appmanager",
+            "start",
+            str(APPS / "boot_error"),
+            "--custom-error-page",
+            str(tmp_path / "nope.html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "--custom-error-page: file" in result.stderr and "does not exist" in result.stderr
+
+
+def test_core_error_pages_are_small_plain_http(server_factory) -> None:
+    server = server_factory(APPS / "wsgi_echo", "--max-request-time", "1")
+    for path, status in (("/app/crash", 502), ("/app/sleep?20", 504)):
+        resp = get(server.port, path, timeout=20)
+        assert resp.status == status
+        assert resp.header("Content-Type") == "text/plain; charset=utf-8"
+        assert int(resp.header("Content-Length") or -1) == len(resp.body) < 200
