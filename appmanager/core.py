@@ -168,6 +168,9 @@ class Core:
         self.pool.changed = self._changed.set
         for app in self.apps:
             self.pool.add_group(Group(self.pool, app))
+        # Open before the first spawn: SPAWN tells Node processes whether to report responses.
+        if self.settings["access_log"]:
+            self.pool.access_log = AccessLog(self.settings["access_log"])
         self.pool.start()
         await self._wait_for_min_instances()
         self._schedule_sweep()
@@ -193,8 +196,6 @@ class Core:
                     exc.strerror or exc,
                 )
                 self.metrics = None
-        if self.settings["access_log"]:
-            self.pool.access_log = AccessLog(self.settings["access_log"])
         self.ready = True
         self.control = ControlServer(self, self.instance.path)
         self.control.start()

@@ -82,6 +82,21 @@ class Pool:
             remote = conn.meta.split(b" ", 1)[0].decode()
             self.access_log.record(remote, head, status, size)
 
+    def log_access_line(
+        self,
+        conn: Connection,
+        request_line: str,
+        status: int | None,
+        size: int | None,
+        referer: str | None,
+        agent: str | None,
+    ) -> None:
+        """One access log line from its parts (a Node process reports them), when the access
+        log is on."""
+        if self.access_log is not None:
+            remote = conn.meta.split(b" ", 1)[0].decode()
+            self.access_log.record_line(remote, request_line, status, size, referer, agent)
+
     def evict_for(self, group: Group) -> None:
         """``group`` has no process and the pool is full: stop the longest-idle process of
         another app to make room (it is replaced once it exits)."""

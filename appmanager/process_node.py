@@ -107,12 +107,32 @@ class NodeProcess(Process):
         cmd = message.get("cmd")
         if cmd == "APPMANAGER_CLOSED":
             self._connection_closed(int(message.get("seq", -1)))
+        elif cmd == "APPMANAGER_LOG":
+            self._log_access(message)
         elif cmd == "NODE_HANDLE_ACK":
             pass  # Node acknowledges every descriptor it receives
         elif cmd == "NODE_HANDLE_NACK":
             log.error("process %d could not take a connection", self.pid)
         else:
             log.debug("process %d sent %r", self.pid, line[:80])
+
+    def _log_access(self, message: dict[str, Any]) -> None:
+        """APPMANAGER_LOG: a response finished on one of the process's connections (sent only
+        when SPAWN asked for it, ``access_log``); the line goes to the access log."""
+        seq = message.get("seq")
+        session = self.sessions.get(seq) if isinstance(seq, int) else None
+        if session is None:
+            return
+        status = message.get("status")
+        size = message.get("bytes")
+        self.group.pool.log_access_line(
+            session.conn,
+            _text(message.get("request")) or "-",
+            status if type(status) is int and 100 <= status <= 999 else None,
+            size if type(size) is int and size >= 0 else None,
+            _text(message.get("referer")),
+            _text(message.get("user_agent")),
+        )
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -220,3 +240,8 @@ class NodeProcess(Process):
         super().stop()
         if self.sessions:
             self._close_channel()
+
+
+def _text(value: object) -> str | None:
+    """A string field of an APPMANAGER_LOG message, cut to a sane length; None otherwise."""
+    return value[:8192] if isinstance(value, str) else None

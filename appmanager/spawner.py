@@ -137,6 +137,8 @@ def _spawn_message(group: Group) -> dict[str, Any]:
         "environment": group.settings["environment"],
         "base_uri": group.base_uri,
         "app_name": group.name,
+        # Node processes report each response for the access log only when it is on.
+        "access_log": group.pool.access_log is not None,
     }
 
 

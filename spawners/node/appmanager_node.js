@@ -8,7 +8,9 @@
  * answers READY, then receives whole client connections over the channel. Each becomes a
  * 'connection' of that server, with the bytes the core already read put back in front, so Node's
  * own HTTP server reads and writes it from then on. The shim keeps each connection's byte of the
- * progress file up to date and reports APPMANAGER_CLOSED when the connection closes.
+ * progress file up to date and reports APPMANAGER_CLOSED when the connection closes. When SPAWN
+ * says `"access_log": true`, it also reports each finished response with APPMANAGER_LOG, since the
+ * core, which hands over whole connections, sees no requests.
  *
  * Which server: the first http.Server the app calls listen() on while loading or later. An app that
  * never listens but exports an http.Server, or a request listener (an Express app is one), is
@@ -48,6 +50,12 @@ const CRASH_GRACE_MS = 1000;
 const LISTEN_NOTE_MS = 5000;
 
 const kConnection = Symbol('appmanager.connection');
+// Set on tracked responses only when the access log is on: the request (the URL as received, before
+// the base URI comes off it), the body bytes written, and whether its line went out.
+const kRequest = Symbol('appmanager.request');
+const kUrl = Symbol('appmanager.url');
+const kBytes = Symbol('appmanager.bytes');
+const kLogged = Symbol('appmanager.logged');
 
 class ProtocolError extends Error {
   /** The core sent something this shim cannot read; a bug on one side or a version mismatch. */
@@ -93,6 +101,8 @@ function spawnConfig(message) {
     // "/" or "/app/" mean the same mount point as "" and "/app".
     baseUri: baseUri === '' || baseUri.startsWith('/') ? baseUri : `/${baseUri}`,
     appName: String(message.app_name ?? ''),
+    // Report each response for the core's access log (APPMANAGER_LOG).
+    accessLog: message.access_log === true,
   };
 }
 
@@ -127,6 +137,7 @@ function prepare(config) {
 async function loadApp(config) {
   hookListen();
   hookServerResponse();
+  if (config.accessLog) hookResponseBytes();
   process.argv[1] = config.startupFile;
   let exported;
   try {
@@ -310,6 +321,7 @@ function closeServer(callback) {
  */
 function trackRequests(server) {
   const emit = server.emit;
+  const accessLog = shim.config.accessLog;
   server.emit = function appmanagerEmit(event, req, res) {
     if (event === 'request' || event === 'checkContinue' || event === 'checkExpectation') {
       const conn = req.socket[kConnection];
@@ -319,6 +331,11 @@ function trackRequests(server) {
         conn.received++;
         conn.last = res;
         if (shim.stopping) res.shouldKeepAlive = false;
+        if (accessLog) {
+          res[kRequest] = req;
+          res[kUrl] = req.url;
+          res[kBytes] = 0;
+        }
       }
       if (shim.config.baseUri !== '') stripBaseUri(req);
       try {
@@ -337,6 +354,8 @@ function trackRequests(server) {
       if (conn !== undefined) {
         conn.upgraded = true;
         conn.write(RESPONDING);
+        // Logged when the connection closes, without a status: the app answers on the socket.
+        if (accessLog) conn.upgrade = { [kRequest]: req, [kUrl]: req.url, [kBytes]: null };
       }
       if (shim.config.baseUri !== '') stripBaseUri(req);
     }
@@ -377,6 +396,7 @@ function hookServerResponse() {
   const proto = http.ServerResponse.prototype;
   const writeHead = proto.writeHead;
   const detachSocket = proto.detachSocket;
+  const accessLog = shim.config.accessLog;
   function appmanagerWriteHead() {
     const result = Reflect.apply(writeHead, this, arguments);
     const conn = this[kConnection];
@@ -393,10 +413,72 @@ function hookServerResponse() {
     const conn = this[kConnection];
     if (conn !== undefined) {
       conn.done++;
+      if (accessLog && this[kBytes] !== undefined) logResponse(conn, this);
       conn.update();
       if (shim.stopping && conn.done === conn.received) socket.destroySoon();
     }
   };
+}
+
+/**
+ * Counts the body bytes of each tracked response, for APPMANAGER_LOG; installed only when the
+ * access log is on. A write the response drops (HEAD, 204, 304: Node's `_hasBody`), or one after
+ * its end, counts nothing. `end` writes its chunk without calling `write`.
+ */
+function hookResponseBytes() {
+  const proto = http.ServerResponse.prototype;
+  const write = proto.write;
+  const end = proto.end;
+  proto.write = function appmanagerWrite(chunk, encoding) {
+    const ended = this.writableEnded;
+    const result = Reflect.apply(write, this, arguments);
+    if (!ended && this._hasBody !== false && this[kBytes] !== undefined) {
+      this[kBytes] += byteLength(chunk, encoding);
+    }
+    return result;
+  };
+  proto.end = function appmanagerEnd(chunk, encoding) {
+    const ended = this.writableEnded;
+    const result = Reflect.apply(end, this, arguments);
+    if (!ended && this._hasBody !== false && this[kBytes] !== undefined) {
+      this[kBytes] += byteLength(chunk, encoding);
+    }
+    return result;
+  };
+}
+
+function byteLength(chunk, encoding) {
+  if (typeof chunk === 'string') {
+    return Buffer.byteLength(chunk, typeof encoding === 'string' ? encoding : 'utf8');
+  }
+  return chunk !== null && typeof chunk === 'object' && Number.isInteger(chunk.byteLength)
+    ? chunk.byteLength
+    : 0;
+}
+
+/**
+ * APPMANAGER_LOG for a response (or an upgrade): the request line as received, the status and the
+ * body bytes once the head went out (null, logged as -, when it never did), referer and agent.
+ * Sent before the connection's APPMANAGER_CLOSED, which ends the core's record of it.
+ */
+function logResponse(conn, res) {
+  if (res[kLogged] === true) return;
+  res[kLogged] = true;
+  const req = res[kRequest];
+  const sent = res[kBytes] !== null && res.headersSent === true;
+  send({
+    cmd: 'APPMANAGER_LOG',
+    seq: conn.seq,
+    request: `${req.method} ${res[kUrl]} HTTP/${req.httpVersion}`,
+    status: sent ? res.statusCode : null,
+    bytes: sent ? res[kBytes] : null,
+    referer: headerValue(req.headers.referer),
+    user_agent: headerValue(req.headers['user-agent']),
+  });
+}
+
+function headerValue(value) {
+  return typeof value === 'string' ? value : null;
 }
 
 // Connections and progress
@@ -435,6 +517,7 @@ class Connection {
     this.flushQueued = false;
     this.last = null; // the response to the latest request, for a stop
     this.upgraded = false;
+    this.upgrade = null; // with the access log on, an upgrade request to log at the end
     this.closed = false;
   }
 
@@ -483,6 +566,14 @@ class Connection {
     this.closed = true;
     shim.connections.delete(this);
     this.server._connections--;
+    if (shim.config.accessLog) {
+      // A response cut short by the connection's end never finished; an upgrade ends here.
+      const last = this.last;
+      if (last !== null && last[kBytes] !== undefined && last[kLogged] !== true) {
+        logResponse(this, last);
+      }
+      if (this.upgrade !== null) logResponse(this, this.upgrade);
+    }
     send({ cmd: 'APPMANAGER_CLOSED', seq: this.seq });
     if (shim.stopping && shim.connections.size === 0) finishStop();
   }

@@ -241,7 +241,8 @@ class HttpCycle:
     together with that body when it is the last, so a plain response is one write. Invariants:
     once ``started``, status and headers never change and ``chunked`` and ``remaining`` describe
     the framing; ``finished`` implies ``started`` (until ``close``, after which every send fails);
-    ``keep_alive`` only goes from true to false.
+    ``keep_alive`` only goes from true to false; ``sent`` is -1 until the head has been written,
+    then the body bytes written since (the access log's size, in ``D``).
     """
 
     __slots__ = (
@@ -267,6 +268,7 @@ class HttpCycle:
         "chunked",
         "remaining",
         "finished",
+        "sent",
         "waiters",
         "task",
     )
@@ -309,6 +311,8 @@ class HttpCycle:
         # Bytes of the app's Content-Length still to send; None when the length is not the app's.
         self.remaining: int | None = None
         self.finished = False
+        # Body bytes written, for the access log (D); -1 until the head went out.
+        self.sent = -1
         # receive() calls waiting for the response to end, to hear http.disconnect.
         self.waiters: list[asyncio.Future[None]] = []
         self.task: asyncio.Task[None] | None = None
@@ -330,8 +334,9 @@ class HttpCycle:
             self.close()
 
     def close(self) -> None:
-        """Lets go of the request: descriptors, waiting receive() calls, then ``D``."""
-        keep = self.keep_alive and self.finished and not self.writer.pending
+        """Lets go of the request: descriptors, waiting receive() calls, then ``D``, with the
+        status and body size once the response began."""
+        keep = b"k" if self.keep_alive and self.finished and not self.writer.pending else b"c"
         self.writer.close()
         os.close(self.fd)
         if self.body_fd >= 0:
@@ -344,7 +349,10 @@ class HttpCycle:
         self.release_waiters()
         worker = self.worker
         worker.cycles.discard(self)
-        worker.reply(b"D %d k" % self.seq if keep else b"D %d c" % self.seq)
+        if self.sent < 0:
+            worker.reply(b"D %d %b" % (self.seq, keep))
+        else:
+            worker.reply(b"D %d %b %d %d" % (self.seq, keep, self.status, self.sent))
 
     async def receive(self) -> Message:
         """The request body as ``http.request`` messages, then ``http.disconnect`` once the
@@ -461,12 +469,14 @@ class HttpCycle:
             connection = b""
         return b"%s%s%s%s%s\r\n" % (line, self.header_block, date, framing, connection)
 
-    def send_first(self, data: bytes) -> None:
-        """Writes the response's first bytes; the progress file says so first."""
+    def send_first(self, data: bytes, count: int) -> None:
+        """Writes the response's first bytes, the head and ``count`` bytes of body; the progress
+        file says so first."""
         # handoff.md: the core reads this only if the process dies holding the request.
         os.pwrite(self.worker.progress_fd, _pack_seq(self.seq), 0)
         self.started = True
         self.writer.write(data)
+        self.sent = count
 
     def send_whole(self, body: bytes) -> None:
         """Sends a response whose body is known in full: head and body in one write."""
@@ -478,30 +488,33 @@ class HttpCycle:
                 if self.is_head and body and self.content_length is None
                 else b""
             )
-            self.send_first(self.head(framing))
+            self.send_first(self.head(framing), 0)
         elif self.content_length is None:
-            self.send_first(self.head(b"content-length: %d\r\n" % len(body)) + body)
+            self.send_first(self.head(b"content-length: %d\r\n" % len(body)) + body, len(body))
         else:
             if len(body) < self.content_length:
                 self.keep_alive = False  # the client will wait for bytes that never come
-            self.send_first(self.head(b"") + body[: self.content_length])
+            body = body[: self.content_length]
+            self.send_first(self.head(b"") + body, len(body))
         self.end()
 
     def start_stream(self, first: bytes) -> None:
         """Sends the head with the first piece of a body whose length is not known yet."""
         if self.bodiless:
-            self.send_first(self.head(b""))
+            self.send_first(self.head(b""), 0)
         elif self.content_length is not None:
-            self.remaining = self.content_length - min(len(first), self.content_length)
-            self.send_first(self.head(b"") + first[: self.content_length])
+            first = first[: self.content_length]
+            self.remaining = self.content_length - len(first)
+            self.send_first(self.head(b"") + first, len(first))
         elif self.http11:
             self.chunked = True
             head = self.head(b"transfer-encoding: chunked\r\n")
-            self.send_first(head + b"%x\r\n%b\r\n" % (len(first), first) if first else head)
+            chunk = b"%x\r\n%b\r\n" % (len(first), first) if first else b""
+            self.send_first(head + chunk, len(first))
         else:
             # HTTP/1.0 cannot chunk: the body ends where the connection does.
             self.keep_alive = False
-            self.send_first(self.head(b"") + first)
+            self.send_first(self.head(b"") + first, len(first))
 
     def send_more(self, body: bytes, more: bool) -> None:
         """Sends the next piece of a streamed body; the last one ends it."""
@@ -512,12 +525,13 @@ class HttpCycle:
             if not more:
                 data += b"0\r\n\r\n"
         elif self.remaining is not None:
-            data = body[: self.remaining]
+            body = data = body[: self.remaining]
             self.remaining -= len(data)
         else:
             data = body
         if data:
             self.writer.write(data)
+            self.sent += len(body)
         if not more:
             if self.remaining:
                 self.keep_alive = False
@@ -535,9 +549,9 @@ class HttpCycle:
             framing = b"content-length: %d\r\n" % size if self.content_length is None else b""
             if self.bodiless and not self.is_head:
                 framing = b""
-            self.send_first(self.head(framing))
+            self.send_first(self.head(framing), 0)
             if not self.bodiless:
-                sent = await self.sendfile(file_fd, count)
+                sent = self.sent = await self.sendfile(file_fd, count)
                 if sent < (size if self.content_length is None else self.content_length):
                     self.keep_alive = False  # the file shrank; the length announced is a lie
         finally:

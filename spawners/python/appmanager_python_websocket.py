@@ -258,8 +258,9 @@ class State(enum.Enum):
 class WebSocketCycle:
     """One WebSocket connection: its handshake, then frames both ways, for one call of the app.
 
-    Lives from its ``Q`` message to its ``D``, always ``c``, and owns the descriptors that came
-    with the message. The transitions, each in ``transition``: CONNECTING -> OPEN when the app
+    Lives from its ``Q`` message to its ``D``, always ``c`` (with, for the access log, the status
+    of the handshake's answer and the frame bytes sent after it), and owns the descriptors that
+    came with the message. The transitions, each in ``transition``: CONNECTING -> OPEN when the app
     accepts; CONNECTING -> CLOSED when it refuses (403) or fails (500); OPEN -> CLOSING when the
     server sends a close frame; OPEN or CLOSING -> CLOSED when the client's close frame arrives,
     the connection is lost, the client breaks the protocol, or CLOSE_TIMEOUT passes. Invariants:
@@ -294,6 +295,10 @@ class WebSocketCycle:
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.close_timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        # For the access log (D): the status of the handshake's answer once it went out (101,
+        # or the error that refused it), and the frame bytes written after it.
+        self.status = 0
+        self.sent = 0
 
     def transition(self, state: State) -> None:
         """The one place the state changes; what each state needs of the loop follows it."""
@@ -314,7 +319,7 @@ class WebSocketCycle:
         """Runs the app on the connection, then reports ``D c``."""
         try:
             if self.problem:
-                self.send_first(self.problem)
+                self.send_first(self.problem, int(self.problem[9:12]))
             else:
                 await self.run_app()
             if self.state is State.CLOSING:
@@ -357,7 +362,10 @@ class WebSocketCycle:
         self.fds = []
         self.wake()
         self.worker.cycles.discard(self)
-        self.worker.reply(b"D %d c" % self.seq)
+        if self.status:
+            self.worker.reply(b"D %d c %d %d" % (self.seq, self.status, self.sent))
+        else:
+            self.worker.reply(b"D %d c" % self.seq)
 
     def going_away(self) -> None:
         """The server is stopping: an open connection is closed with 1012 (service restart)."""
@@ -400,12 +408,12 @@ class WebSocketCycle:
                 raise ClientDisconnected("the WebSocket connection is closed")
             data = message.get("bytes")
             if data is not None:
-                self.writer.write(encode_frame(OP_BINARY, data))
+                self.write_frame(OP_BINARY, data)
             else:
                 text = message.get("text")
                 if text is None:
                     raise ValueError("websocket.send with neither bytes nor text")
-                self.writer.write(encode_frame(OP_TEXT, text.encode()))
+                self.write_frame(OP_TEXT, text.encode())
             if self.writer.pending:
                 await self.writer.drain()
         elif kind == "websocket.accept":
@@ -421,11 +429,19 @@ class WebSocketCycle:
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} on a websocket scope")
 
-    def send_first(self, data: bytes) -> None:
-        """Writes the first bytes to the client; the progress file says so first."""
+    def send_first(self, data: bytes, status: int) -> None:
+        """Writes the answer to the handshake, with its ``status``; the progress file says so
+        first."""
         # handoff.md: the core reads this only if the process dies holding the request.
         os.pwrite(self.worker.progress_fd, _pack_seq(self.seq), 0)
         self.writer.write(data)
+        self.status = status
+
+    def write_frame(self, opcode: int, payload: bytes) -> None:
+        """Writes one frame to the client (counted for the access log)."""
+        frame = encode_frame(opcode, payload)
+        self.writer.write(frame)
+        self.sent += len(frame)
 
     def accept(self, subprotocol: str | None, headers: Any) -> None:
         """Completes the handshake (101 Switching Protocols)."""
@@ -445,7 +461,7 @@ class WebSocketCycle:
         head = b"".join(parts)
         if head.count(b"\n") != lines or head.count(b"\r") != lines:
             raise ValueError("a websocket.accept header holds CR or LF")
-        self.send_first(head + b"\r\n")
+        self.send_first(head + b"\r\n", 101)
         self.transition(State.OPEN)  # CONNECTING -> OPEN
         if self.worker.stopping:
             self.going_away()
@@ -453,12 +469,12 @@ class WebSocketCycle:
     def refuse(self, status: bytes) -> None:
         """Answers the handshake with an HTTP error instead of accepting it."""
         self.transition(State.CLOSED)  # CONNECTING -> CLOSED
-        self.send_first(plain_response(status))
+        self.send_first(plain_response(status), int(status[:3]))
 
     def send_close(self, code: int, reason: str) -> None:
         """Sends the server's close frame; the connection ends when the client answers."""
         self.transition(State.CLOSING)  # OPEN -> CLOSING
-        self.writer.write(encode_frame(OP_CLOSE, close_payload(code, reason)))
+        self.write_frame(OP_CLOSE, close_payload(code, reason))
 
     def start_reading(self) -> None:
         if not self.reading:
@@ -510,14 +526,14 @@ class WebSocketCycle:
                 self.deliver({"type": "websocket.receive", "bytes": payload})
         elif opcode == OP_PING:
             if self.state is State.OPEN:
-                self.writer.write(encode_frame(OP_PONG, payload))
+                self.write_frame(OP_PONG, payload)
         elif opcode == OP_CLOSE:
             code, reason = parse_close(payload)
             if self.state is State.OPEN:
                 # The client closes first: the server answers with the same code.
                 answer = CLOSE_NORMAL if code == CLOSE_NO_STATUS else code
                 try:
-                    self.writer.write(encode_frame(OP_CLOSE, close_payload(answer, "")))
+                    self.write_frame(OP_CLOSE, close_payload(answer, ""))
                 except ClientDisconnected:
                     pass
             self.finish(code, reason)  # OPEN or CLOSING -> CLOSED
@@ -542,7 +558,7 @@ class WebSocketCycle:
         """The client broke the protocol: the server closes with the code that says how."""
         if self.state is State.OPEN:
             try:
-                self.writer.write(encode_frame(OP_CLOSE, close_payload(exc.code, exc.reason)))
+                self.write_frame(OP_CLOSE, close_payload(exc.code, exc.reason))
             except ClientDisconnected:
                 pass
         self.finish(exc.code, exc.reason)  # OPEN or CLOSING -> CLOSED

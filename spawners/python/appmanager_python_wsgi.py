@@ -2,7 +2,8 @@
 
 Each request arrives on the control channel together with the client connection's descriptor
 (docs/protocol/handoff.md); the server runs the app, writes the response straight to the client,
-blocking on poll when the client is slow, and reports back with ``D <seq> <k|c>``. Loaded by
+blocking on poll when the client is slow, and reports back with ``D <seq> <k|c> <status>
+<bytes>`` (the status and body size for the access log, left out when no response began). Loaded by
 ``appmanager_python.py`` once the app is known to be a WSGI app.
 """
 
@@ -201,7 +202,7 @@ class Response:
     Lives for one request. Headers go out lazily, with the first non-empty body chunk or at the
     end. Invariants: once ``headers_sent`` is true, status and headers never change and
     ``chunked`` and ``remaining`` describe the framing; ``keep_alive`` only goes from true to
-    false.
+    false; ``sent`` is -1 until the head has been written, then the body bytes written since.
     """
 
     __slots__ = (
@@ -222,6 +223,7 @@ class Response:
         "chunked",
         "remaining",
         "finished",
+        "sent",
     )
 
     def __init__(
@@ -255,6 +257,8 @@ class Response:
         # Bytes of the app's Content-Length still to send; None when the length is not the app's.
         self.remaining: int | None = None
         self.finished = False
+        # Body bytes written, for the access log (D); -1 until the head went out.
+        self.sent = -1
 
     def start_response(
         self,
@@ -334,17 +338,30 @@ class Response:
         lines.append("\r\n")
         return "".join(lines).encode("latin-1")
 
-    def _send(self, data: bytes, head: bool = False) -> None:
-        """Writes to the client; the first write of the response records progress first."""
-        if head:
-            # handoff.md: the core reads this only if the process dies holding the request.
-            os.pwrite(self.progress_fd, _pack_seq(self.seq), 0)
-            self.headers_sent = True
+    def _send_first(self, data: bytes, count: int) -> None:
+        """Writes the head, and ``count`` body bytes with it; records progress first."""
+        # handoff.md: the core reads this only if the process dies holding the request.
+        os.pwrite(self.progress_fd, _pack_seq(self.seq), 0)
+        self.headers_sent = True
         try:
             self.conn.write(data)
         except OSError as exc:
             self.keep_alive = False
             raise ClientDisconnected(f"writing the response failed: {exc}") from exc
+        self.sent = count
+
+    def _send(self, data: bytes, count: int) -> None:
+        """Writes more of the response, ``count`` bytes of body among ``data``."""
+        try:
+            self.conn.write(data)
+        except OSError as exc:
+            self.keep_alive = False
+            raise ClientDisconnected(f"writing the response failed: {exc}") from exc
+        self.sent += count
+
+    def status_code(self) -> int:
+        """The status code of the response sent (its head went out)."""
+        return int(self.status[:3]) if self.status else 0
 
     def send_whole(self, body: bytes) -> None:
         """Sends a response whose body is known in full: headers and body in one write."""
@@ -356,13 +373,14 @@ class Response:
                 if self.is_head and body and self.content_length is None
                 else ""
             )
-            self._send(self._head(framing), head=True)
+            self._send_first(self._head(framing), 0)
         elif self.content_length is None:
-            self._send(self._head(f"Content-Length: {len(body)}\r\n") + body, head=True)
+            self._send_first(self._head(f"Content-Length: {len(body)}\r\n") + body, len(body))
         else:
             if len(body) < self.content_length:
                 self.keep_alive = False  # the client will wait for bytes that never come
-            self._send(self._head("") + body[: self.content_length], head=True)
+            body = body[: self.content_length]
+            self._send_first(self._head("") + body, len(body))
         self.finished = True
 
     def write(self, data: bytes) -> None:
@@ -378,29 +396,32 @@ class Response:
         if self.bodiless or not data:
             return
         if self.chunked:
-            self._send(b"%x\r\n%b\r\n" % (len(data), data))
+            self._send(b"%x\r\n%b\r\n" % (len(data), data), len(data))
         elif self.remaining is not None:
             if self.remaining > 0:
-                self._send(data[: self.remaining])
-                self.remaining -= min(len(data), self.remaining)
+                data = data[: self.remaining]
+                self.remaining -= len(data)
+                self._send(data, len(data))
         else:
-            self._send(data)
+            self._send(data, len(data))
 
     def _start_stream(self, first: bytes) -> None:
         """Sends the headers with the first chunk of a body of not-yet-known length."""
         if self.bodiless:
-            self._send(self._head(""), head=True)
+            self._send_first(self._head(""), 0)
         elif self.content_length is not None:
-            self.remaining = self.content_length - min(len(first), self.content_length)
-            self._send(self._head("") + first[: self.content_length], head=True)
+            first = first[: self.content_length]
+            self.remaining = self.content_length - len(first)
+            self._send_first(self._head("") + first, len(first))
         elif self.http11:
             self.chunked = True
             framing = "Transfer-Encoding: chunked\r\n"
-            self._send(self._head(framing) + b"%x\r\n%b\r\n" % (len(first), first), head=True)
+            chunk = b"%x\r\n%b\r\n" % (len(first), first)
+            self._send_first(self._head(framing) + chunk, len(first))
         else:
             # HTTP/1.0 cannot chunk: the body ends where the connection does.
             self.keep_alive = False
-            self._send(self._head("") + first, head=True)
+            self._send_first(self._head("") + first, len(first))
 
     def finish(self) -> None:
         """Ends a streamed body: the last chunk, or the headers when every chunk was empty."""
@@ -408,7 +429,7 @@ class Response:
             self.send_whole(b"")
             return
         if self.chunked:
-            self._send(b"0\r\n\r\n")
+            self._send(b"0\r\n\r\n", 0)
         elif self.remaining:
             self.keep_alive = False
         self.finished = True
@@ -431,7 +452,7 @@ class Response:
         size = max(st.st_size - position, 0)
         count = size if self.content_length is None else min(size, self.content_length)
         framing = f"Content-Length: {size}\r\n" if self.content_length is None else ""
-        self._send(self._head(framing), head=True)
+        self._send_first(self._head(framing), 0)
         if self.is_head or count == 0:
             self.finished = True
             return True
@@ -440,6 +461,7 @@ class Response:
         except OSError as exc:
             self.keep_alive = False
             raise ClientDisconnected(f"sending the file failed: {exc}") from exc
+        self.sent = sent
         if sent < (size if self.content_length is None else self.content_length):
             self.keep_alive = False  # the file shrank under us; the length we announced is a lie
         self.finished = True
@@ -538,7 +560,8 @@ class Worker:
             raise _Stop
 
     def handle(self, nbytes: int, msg_flags: int, fds: list[int]) -> bytes:
-        """Serves one ``Q`` message; returns the ``D`` reply, or b"" when it has no ``seq``."""
+        """Serves one ``Q`` message; returns the ``D`` reply, or b"" when it has no ``seq``. The
+        reply carries the status and body size when the response began."""
         try:
             request = _read_request(self.buffer, self.view, nbytes, msg_flags, len(fds))
         except ProtocolError as exc:
@@ -550,19 +573,22 @@ class Worker:
             return b"D %d c" % seq
         seq = request[0]
         try:
-            keep = self.serve_request(request, fds)
+            response = self.serve_request(request, fds)
         except ProtocolError as exc:
             log(f"request {seq}: protocol error: {exc}")
-            keep = False
+            return b"D %d c" % seq
         except Exception:
             # App errors are handled in run_app; this is the shim's own failure (a bad progress
             # descriptor, say). The process can go on; this connection cannot.
             log(f"request {seq}: internal error:\n{traceback.format_exc()}")
-            keep = False
-        return b"D %d k" % seq if keep else b"D %d c" % seq
+            return b"D %d c" % seq
+        keep = b"k" if response.keep_alive and response.finished else b"c"
+        if response.sent < 0:
+            return b"D %d %b" % (seq, keep)
+        return b"D %d %b %d %d" % (seq, keep, response.status_code(), response.sent)
 
-    def serve_request(self, request: handoff.Request, fds: list[int]) -> bool:
-        """Runs the app on a request; returns whether the connection may stay open."""
+    def serve_request(self, request: handoff.Request, fds: list[int]) -> Response:
+        """Runs the app on a request; returns its response, as far as it went."""
         (
             seq,
             flags,
@@ -610,7 +636,7 @@ class Worker:
             self.run_app(environ, response)
         finally:
             body.close()
-        return response.keep_alive and response.finished
+        return response
 
     def environ(self, head: bytes, body_len: int) -> tuple[WSGIEnviron, bool, bool, bool, bool]:
         """Builds the environ from the request head; also returns, for the response: is it HEAD,

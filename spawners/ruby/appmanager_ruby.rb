@@ -677,9 +677,10 @@ module AppManager
   #
   # Lives for one request. Headers go out lazily, with the first non-empty body chunk or at the
   # end. Invariants: once headers_sent is true, the status and headers never change and chunked
-  # and remaining describe the framing; keep_alive only goes from true to false.
+  # and remaining describe the framing; keep_alive only goes from true to false; sent is -1 until
+  # the head has been written, then the body bytes written since (for the access log, in D).
   class Response
-    attr_reader :seq, :headers_sent, :finished, :bodiless
+    attr_reader :seq, :headers_sent, :finished, :bodiless, :code, :sent
     attr_accessor :keep_alive
 
     def initialize(
@@ -706,6 +707,9 @@ module AppManager
       # Bytes of the app's Content-Length still to send; nil when the length is not the app's.
       @remaining = nil
       @finished = false
+      @code = 0
+      # Body bytes written, for the access log; -1 until the head went out.
+      @sent = -1
     end
 
     # Validates and takes the status and headers the app returned; raises before storing any.
@@ -746,6 +750,7 @@ module AppManager
         end
       end
       @status_line = @status_lines[code] ||= "HTTP/1.1 #{code} \r\n".freeze
+      @code = code
       @header_lines = lines
       @content_length = content_length
       @has_date = has_date
@@ -762,7 +767,7 @@ module AppManager
         if @is_head && !body.empty? && @content_length.nil?
           framing = "Content-Length: #{body.bytesize}\r\n"
         end
-        send_data(head(framing), true)
+        send_data(head(framing), 0, true)
       elsif @content_length.nil?
         send_head_and("Content-Length: #{body.bytesize}\r\n", body)
       else
@@ -788,14 +793,15 @@ module AppManager
         chunk = String.new(capacity: data.bytesize + 12)
         chunk << data.bytesize.to_s(16) << CRLF
         AppManager.append(chunk, data) << CRLF
-        send_data(chunk)
+        send_data(chunk, data.bytesize)
       elsif @remaining
         return unless @remaining.positive?
 
-        send_data(data.bytesize > @remaining ? data.byteslice(0, @remaining) : data)
-        @remaining -= [data.bytesize, @remaining].min
+        data = data.byteslice(0, @remaining) if data.bytesize > @remaining
+        @remaining -= data.bytesize
+        send_data(data, data.bytesize)
       else
-        send_data(data)
+        send_data(data, data.bytesize)
       end
     end
 
@@ -804,7 +810,7 @@ module AppManager
       return send_whole(EMPTY) unless @headers_sent
 
       if @chunked
-        send_data(LAST_CHUNK)
+        send_data(LAST_CHUNK, 0)
       elsif @remaining&.positive?
         @keep_alive = false
       end
@@ -825,7 +831,7 @@ module AppManager
 
         size = file.size
         count = @content_length.nil? ? size : [size, @content_length].min
-        send_data(head(@content_length.nil? ? "Content-Length: #{size}\r\n" : nil), true)
+        send_data(head(@content_length.nil? ? "Content-Length: #{size}\r\n" : nil), 0, true)
         if @is_head || count.zero?
           @finished = true
           return true
@@ -836,6 +842,7 @@ module AppManager
           @keep_alive = false
           raise ClientDisconnected, "sending the file failed: #{e.message}"
         end
+        @sent = sent
         # The file shrank under us; the length we announced is a lie.
         @keep_alive = false if sent < (@content_length || size)
         @finished = true
@@ -895,35 +902,36 @@ module AppManager
     # The head and a whole body: one write when the body is small enough to copy.
     def send_head_and(framing, body)
       if body.bytesize > COALESCE_LIMIT
-        send_data(head(framing), true)
-        send_data(body)
+        send_data(head(framing), 0, true)
+        send_data(body, body.bytesize)
       else
-        send_data(AppManager.append(head(framing, body.bytesize), body), true)
+        send_data(AppManager.append(head(framing, body.bytesize), body), body.bytesize, true)
       end
     end
 
     # Sends the headers with the first chunk of a body of not-yet-known length.
     def start_stream(first)
       if @bodiless
-        send_data(head(nil), true)
+        send_data(head(nil), 0, true)
       elsif @content_length
         @remaining = @content_length - [first.bytesize, @content_length].min
         first = first.byteslice(0, @content_length) if first.bytesize > @content_length
-        send_data(AppManager.append(head(nil, first.bytesize), first), true)
+        send_data(AppManager.append(head(nil, first.bytesize), first), first.bytesize, true)
       elsif @http11
         @chunked = true
         buf = head(CHUNKED, first.bytesize + 12)
         buf << first.bytesize.to_s(16) << CRLF
-        send_data(AppManager.append(buf, first) << CRLF, true)
+        send_data(AppManager.append(buf, first) << CRLF, first.bytesize, true)
       else
         # HTTP/1.0 cannot chunk: the body ends where the connection does.
         @keep_alive = false
-        send_data(AppManager.append(head(nil, first.bytesize), first), true)
+        send_data(AppManager.append(head(nil, first.bytesize), first), first.bytesize, true)
       end
     end
 
-    # Writes to the client; the first write of the response records progress first.
-    def send_data(data, head = false)
+    # Writes to the client, count bytes of body among data; the first write of the response (the
+    # head) records progress first.
+    def send_data(data, count, head = false)
       if head
         # handoff.md: the core reads this only if the process dies holding the request.
         @progress.pwrite([@seq].pack("Q<"), 0)
@@ -934,6 +942,11 @@ module AppManager
       rescue SystemCallError, IOError => e
         @keep_alive = false
         raise ClientDisconnected, "writing the response failed: #{e.message}"
+      end
+      if head
+        @sent = count
+      else
+        @sent += count
       end
     end
   end
@@ -1020,7 +1033,8 @@ module AppManager
       raise Stop if @idle
     end
 
-    # Serves one Q message; returns the D reply, or nil when it has no seq.
+    # Serves one Q message; returns the D reply, or nil when it has no seq. The reply carries the
+    # status and the body bytes sent, for the access log, once the response began.
     def handle(message, msg_flags, ios)
       end_of_line = message.index("\n") || message.bytesize
       fields = message.byteslice(0, end_of_line).split(" ")
@@ -1031,21 +1045,23 @@ module AppManager
         return nil
       end
       begin
-        keep = serve_request(message, msg_flags, ios, end_of_line, fields)
+        response = serve_request(message, msg_flags, ios, end_of_line, fields)
       rescue ProtocolError => e
         AppManager.log("request #{seq}: protocol error: #{e.message}")
-        keep = false
+        return "D #{seq} c"
       rescue StandardError => e
         # App errors are handled in run_app; this is the shim's own failure (a bad progress
         # descriptor, say). The process can go on; this connection cannot.
         text = e.full_message(highlight: false, order: :top)
         AppManager.log("request #{seq}: internal error:\n#{text}")
-        keep = false
+        return "D #{seq} c"
       end
-      keep ? "D #{seq} k" : "D #{seq} c"
+      keep = response.keep_alive && response.finished ? "k" : "c"
+      sent = response.sent
+      sent.negative? ? "D #{seq} #{keep}" : "D #{seq} #{keep} #{response.code} #{sent}"
     end
 
-    # Reads a request message, calls the app on it; returns whether the connection may stay open.
+    # Reads a request message, calls the app on it; returns its response, as far as it went.
     def serve_request(message, msg_flags, ios, end_of_line, fields)
       raise ProtocolError, "message or descriptors truncated" unless (msg_flags & TRUNCATED).zero?
       if fields.length != 10 || fields[0] != "Q"
@@ -1086,7 +1102,7 @@ module AppManager
         is_head, http11, client_keepalive, keep_alive
       )
       run_app(env, response)
-      response.keep_alive && response.finished
+      response
     end
 
     # Builds the env from the request head; also returns, for the response: is it HEAD, is it

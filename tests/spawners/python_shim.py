@@ -49,11 +49,25 @@ class HTTPResponse:
 
 @dataclass
 class Result:
-    """What one request produced: the shim's D reply and the response the client read."""
+    """What one request produced: the shim's D reply (``done``, as ``D <seq> <k|c>``; its access
+    log fields apart, None when it has none) and the response the client read."""
 
     done: str
     response: HTTPResponse
     raw: bytes
+    status: int | None = None
+    size: int | None = None
+
+
+def split_done(reply: str) -> tuple[str, int | None, int | None]:
+    """A D reply as ``D <seq> <k|c>`` and its optional status and body size (handoff.md)."""
+    fields = reply.split(" ")
+    assert len(fields) in (3, 5), f"malformed D reply {reply!r}"
+    assert fields[0] == "D" and fields[1].isdigit() and fields[2] in ("k", "c"), reply
+    if len(fields) == 3:
+        return reply, None, None
+    assert fields[3].isdigit() and fields[4].isdigit(), f"malformed D reply {reply!r}"
+    return " ".join(fields[:3]), int(fields[3]), int(fields[4])
 
 
 def parse_response(raw: bytes, *, head_request: bool = False) -> tuple[HTTPResponse, bytes]:
@@ -209,6 +223,8 @@ class Shim:
     forked: list[Shim] = field(default_factory=list)
     # EXITED as a preloader reported it: pid -> status.
     exited: dict[int, int] = field(default_factory=dict)
+    # Every D reply as it came, access log fields included (send and wait_* return them without).
+    replies: list[str] = field(default_factory=list)
 
     def handshake(self, **overrides: Any) -> tuple[str, dict[str, Any]]:
         """Sends SPAWN; returns the answer's tag and payload."""
@@ -336,8 +352,13 @@ class Shim:
         """Reads the client's end while waiting for the D reply, so big responses cannot stall."""
         return self.wait_replies(1, [connection])[0]
 
+    def last_done(self) -> tuple[str, int | None, int | None]:
+        """The last D reply, split: ``D <seq> <k|c>``, status and body size (None: not sent)."""
+        return split_done(self.replies[-1])
+
     def wait_replies(self, count: int, connections: list[Connection]) -> list[str]:
-        """Waits for ``count`` D replies, in the order they come, reading the clients' ends."""
+        """Waits for ``count`` D replies, in the order they come, reading the clients' ends;
+        returns them as ``D <seq> <k|c>`` (all of each is kept in ``replies``)."""
         deadline = time.monotonic() + TIMEOUT
         replies: list[str] = []
         while time.monotonic() < deadline:
@@ -348,7 +369,9 @@ class Shim:
                 if connection.client in ready:
                     connection.pump()
             if self.control in ready:
-                replies.append(self.control.recv(1 << 16).decode())
+                reply = self.control.recv(1 << 16).decode()
+                self.replies.append(reply)
+                replies.append(split_done(reply)[0])
                 if len(replies) == count:
                     return replies
         raise AssertionError(f"{replies} of {count} D replies within {TIMEOUT} s:\n{self.log()}")
@@ -362,14 +385,20 @@ class Shim:
         body_file: Path | None = None,
         scheme: str = "http",
     ) -> Result:
-        """One request on a fresh connection; the response is read after the core's end closes."""
+        """One request on a fresh connection; the response is read after the core's end closes.
+        The D reply's status and body size must be those the client read."""
         connection = self.connect()
         done = self.send(connection, head, body, flags=flags, body_file=body_file, scheme=scheme)
+        _, status, size = self.last_done()
         raw = connection.finish()
         head_request = head.startswith(b"HEAD ")
         response, rest = parse_response(raw, head_request=head_request)
         assert rest == b"", f"bytes after the response: {rest[:100]!r}"
-        return Result(done, response, raw)
+        assert (status, size) == (response.status, len(response.body)), (
+            f"D reply {self.replies[-1]!r} for a {response.status} response of "
+            f"{len(response.body)} body bytes"
+        )
+        return Result(done, response, raw, status, size)
 
     def progress(self) -> int:
         value: int = struct.unpack("<Q", self.progress_path.read_bytes()[:8])[0]

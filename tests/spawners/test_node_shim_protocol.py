@@ -809,6 +809,112 @@ def test_the_base_uri_is_stripped_at_a_segment_boundary(
     assert data["originalUrl"] == (target if url != target else None)
 
 
+# The access log (APPMANAGER_LOG)
+
+
+@pytest.fixture(scope="module")
+def logging_echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shim]:
+    """A shim on the echo app whose SPAWN turned the access log on."""
+    shim = start_shim(tmp_path_factory.mktemp("logging_echo"))
+    try:
+        answer = shim.handshake(ECHO_APP.parent, access_log=True)
+        assert answer["cmd"] == "APPMANAGER_READY", answer
+        yield shim
+    finally:
+        shim.stop()
+
+
+def test_each_response_is_reported_for_the_access_log(logging_echo: Shim) -> None:
+    shim = logging_echo
+    headers = (("Referer", "http://ref.test/page"), ("User-Agent", "tester/1.0"))
+    client, seq = shim.hand(http_request("/some/path?a=1", *headers))
+    body = client.read().body
+    assert shim.expect("APPMANAGER_LOG", seq=seq) == {
+        "cmd": "APPMANAGER_LOG",
+        "seq": seq,
+        "request": "GET /some/path?a=1 HTTP/1.1",
+        "status": 200,
+        "bytes": len(body),
+        "referer": "http://ref.test/page",
+        "user_agent": "tester/1.0",
+    }
+    # A keep-alive request goes straight to Node; it is reported all the same.
+    client.send(http_request("/second", method="POST", body=b"x" * 10))
+    second = client.read().body
+    log = shim.expect("APPMANAGER_LOG", seq=seq)
+    assert (log["request"], log["status"], log["bytes"]) == (
+        "POST /second HTTP/1.1",
+        200,
+        len(second),
+    )
+    assert (log["referer"], log["user_agent"]) == (None, None)
+
+
+def test_the_access_log_counts_body_bytes_without_chunk_framing(logging_echo: Shim) -> None:
+    client, seq = logging_echo.hand(http_request("/app/stream"))
+    assert client.read().headers["transfer-encoding"] == "chunked"
+    log = logging_echo.expect("APPMANAGER_LOG", seq=seq)
+    assert (log["status"], log["bytes"]) == (200, len(b"line 0\nline 1\nline 2\n"))
+
+
+def test_the_access_log_counts_no_body_for_head_and_204(logging_echo: Shim) -> None:
+    client, seq = logging_echo.hand(http_request("/app/pid", method="HEAD"))
+    assert client.read(head_request=True).status == 200
+    log = logging_echo.expect("APPMANAGER_LOG", seq=seq)
+    assert (log["request"], log["status"], log["bytes"]) == ("HEAD /app/pid HTTP/1.1", 200, 0)
+    client.send(http_request("/app/status?204"))
+    assert client.read().status == 204
+    log = logging_echo.expect("APPMANAGER_LOG", seq=seq)
+    assert (log["status"], log["bytes"]) == (204, 0)
+
+
+def test_the_access_log_reports_the_500_page(logging_echo: Shim) -> None:
+    client, seq = logging_echo.hand(http_request("/app/raise", version="HTTP/1.0"))
+    response = client.read()
+    assert response.status == 500
+    log = logging_echo.expect("APPMANAGER_LOG", seq=seq)
+    assert (log["request"], log["status"], log["bytes"]) == (
+        "GET /app/raise HTTP/1.0",
+        500,
+        len(response.body),
+    )
+
+
+def test_a_response_cut_short_is_reported_before_closed(logging_echo: Shim) -> None:
+    client, seq = logging_echo.hand(http_request("/app/raise-after-head"))
+    client.read_until_closed()
+    logging_echo.expect("APPMANAGER_CLOSED", seq=seq)
+    # Reported before the connection closed: the core knows the connection no longer after.
+    log = logging_echo.expect("APPMANAGER_LOG", timeout=0, seq=seq)
+    assert (log["status"], log["bytes"]) == (200, len(b"partial"))
+
+
+def test_pipelined_requests_are_each_reported_in_order(logging_echo: Shim) -> None:
+    client, seq = logging_echo.hand(http_request("/one") + http_request("/two"))
+    client.read()
+    client.read()
+    first = logging_echo.expect("APPMANAGER_LOG", seq=seq)
+    second = logging_echo.expect("APPMANAGER_LOG", seq=seq)
+    assert [first["request"], second["request"]] == ["GET /one HTTP/1.1", "GET /two HTTP/1.1"]
+
+
+def test_the_access_log_has_the_url_as_received_under_a_base_uri(spawn: Spawn) -> None:
+    shim, answer = spawn(ECHO_APP.parent, base_uri="/sub", access_log=True)
+    assert answer["cmd"] == "APPMANAGER_READY"
+    client, seq = shim.hand(http_request("/sub/x?y=1"))
+    assert client.read().json()["url"] == "/x?y=1"
+    assert shim.expect("APPMANAGER_LOG", seq=seq)["request"] == "GET /sub/x?y=1 HTTP/1.1"
+
+
+def test_nothing_is_reported_without_the_access_log(echo: Shim) -> None:
+    client, seq = echo.hand(http_request("/app/stream"))
+    client.read()
+    client.client.close()
+    echo.expect("APPMANAGER_CLOSED", seq=seq)
+    echo.closed_messages()
+    assert [m for m in echo.inbox if m.get("cmd") == "APPMANAGER_LOG"] == []
+
+
 # Stopping
 
 

@@ -613,6 +613,81 @@ def test_a_malformed_message_reports_c_and_the_process_goes_on(echo: Shim) -> No
     assert echo.request(http_head("/app/pid")).response.status == 200
 
 
+# The access log's fields in D
+
+
+def test_d_reports_status_and_body_bytes_of_a_whole_response(echo: Shim) -> None:
+    result = echo.request(http_head("/app/pid"))
+    assert echo.replies[-1] == f"D {echo.seq} k 200 {len(str(echo.process.pid))}"
+    assert (result.status, result.size) == (200, len(result.response.body))
+
+
+def test_d_reports_body_bytes_of_a_chunked_response_without_the_framing(echo: Shim) -> None:
+    result = echo.request(http_head("/app/stream"))
+    assert result.response.chunked
+    assert result.response.body == b"line 0\nline 1\nline 2\n"
+    assert echo.replies[-1] == f"D {echo.seq} k 200 21"
+    big = echo.request(http_head("/app/big"))
+    assert (big.status, big.size) == (200, 65536 * 160)
+    length = echo.request(http_head("/app/stream-length"))
+    assert (length.status, length.size) == (200, 10)
+
+
+def test_d_reports_no_body_bytes_for_head(echo: Shim) -> None:
+    echo.request(http_head("/app/pid", method="HEAD"))
+    assert echo.replies[-1] == f"D {echo.seq} k 200 0"
+    echo.request(http_head("/app/stream", method="HEAD"))
+    assert echo.replies[-1] == f"D {echo.seq} k 200 0"
+
+
+def test_d_reports_the_500_page_the_shim_sent(echo: Shim) -> None:
+    result = echo.request(http_head("/app/raise"))
+    assert echo.replies[-1] == f"D {echo.seq} k 500 {len(result.response.body)}"
+    assert result.size and result.size > 0
+    unanswered = echo.request(http_head("/app/no-response"))
+    assert (unanswered.status, unanswered.size) == (500, len(unanswered.response.body))
+
+
+def test_d_reports_a_file_sent_with_pathsend(echo: Shim, tmp_path: Path) -> None:
+    path = tmp_path / "download.bin"
+    path.write_bytes(os.urandom(100_000))
+    result = echo.request(http_head(f"/app/file?{path}"))
+    assert (result.status, result.size) == (200, 100_000)
+
+
+def test_d_reports_what_was_sent_before_an_error_after_the_response_began(echo: Shim) -> None:
+    connection = echo.connect()
+    echo.send(connection, http_head("/app/raise-after-start"))
+    assert echo.replies[-1] == f"D {echo.seq} c 200 {len(b'partial')}"
+    connection.finish()
+
+
+def test_d_has_no_access_log_fields_when_the_response_never_began(echo: Shim) -> None:
+    connection = echo.connect()
+    connection.reset_by_client()
+    echo.send(connection, http_head("/app/big?400"))
+    assert echo.replies[-1] == f"D {echo.seq} c"
+
+
+def test_d_of_a_websocket_reports_101_and_the_frame_bytes(echo: Shim) -> None:
+    connection, client, response, seq = open_websocket(echo)
+    assert response.status == 101
+    client.send_text("hello")
+    assert client.recv_frame() == (True, 0x1, b"hello")
+    client.send_close(1000)
+    assert client.recv_close() == (1000, "")
+    assert echo.wait_done(connection) == f"D {seq} c"
+    # The echoed text frame (2 + 5 bytes) and the close frame (2 + 2).
+    assert echo.replies[-1] == f"D {seq} c 101 11"
+
+
+def test_d_of_a_refused_websocket_reports_its_status(echo: Shim) -> None:
+    connection, _, response, seq = open_websocket(echo, "/ws/refuse")
+    assert response.status == 403
+    echo.wait_done(connection)
+    assert echo.replies[-1] == f"D {seq} c 403 0"
+
+
 def test_the_app_printing_reaches_the_log(echo: Shim) -> None:
     echo.request(http_head("/app/print"))
     assert "hello from the app's stdout" in echo.log()

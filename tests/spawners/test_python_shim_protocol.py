@@ -822,6 +822,63 @@ def test_exc_info_after_the_headers_reraises_and_closes(echo: Shim) -> None:
     assert "ValueError: exc-after-marker" in echo.log()
 
 
+# The access log's fields in D
+
+
+def test_d_reports_status_and_body_bytes_of_a_whole_response(echo: Shim) -> None:
+    result = echo.request(mode("hello"))
+    assert echo.replies[-1] == f"D {echo.seq} k 200 11"
+    assert (result.status, result.size) == (200, len(b"hello world"))
+
+
+def test_d_reports_body_bytes_of_a_chunked_response_without_the_framing(echo: Shim) -> None:
+    result = echo.request(mode("generator"))
+    assert result.response.chunked
+    assert echo.replies[-1] == f"D {echo.seq} k 200 {len(b'one;two;three')}"
+    write = echo.request(mode("write"))
+    assert (write.status, write.size) == (200, len(b"first;second"))
+
+
+def test_d_reports_no_body_bytes_for_head(echo: Shim) -> None:
+    echo.request(mode("hello", method="HEAD"))
+    assert echo.replies[-1] == f"D {echo.seq} k 200 0"
+    echo.request(mode("generator", method="HEAD"))
+    assert echo.replies[-1] == f"D {echo.seq} k 200 0"
+
+
+def test_d_reports_the_500_page_the_shim_sent(echo: Shim) -> None:
+    result = echo.request(mode("raise"))
+    assert echo.replies[-1] == f"D {echo.seq} k 500 {len(result.response.body)}"
+    assert result.size and result.size > 0
+
+
+def test_d_reports_the_status_the_app_replaced_and_what_a_file_sent(
+    echo: Shim, tmp_path: Path
+) -> None:
+    replaced = echo.request(mode("exc-before"))
+    assert (replaced.status, replaced.size) == (503, len(b"replaced"))
+    nothing = echo.request(mode("status", ("X-Status", "204 No Content")))
+    assert (nothing.status, nothing.size) == (204, 0)
+    path = tmp_path / "download.bin"
+    path.write_bytes(os.urandom(100_000))
+    sent = echo.request(mode("file-wrapper", ("X-File", str(path)), ("X-Seek", "10")))
+    assert (sent.status, sent.size) == (200, 99_990)
+
+
+def test_d_reports_what_was_sent_before_an_error_after_the_response_began(echo: Shim) -> None:
+    connection = echo.connect()
+    echo.send(connection, mode("exc-after"))
+    assert echo.replies[-1] == f"D {echo.seq} c 200 {len(b'partial')}"
+    connection.finish()
+
+
+def test_d_has_no_access_log_fields_when_the_response_never_began(echo: Shim) -> None:
+    connection = echo.connect()
+    connection.reset_by_client()
+    echo.send(connection, mode("big"))
+    assert echo.replies[-1] == f"D {echo.seq} c"
+
+
 def test_the_process_keeps_serving_after_errors(echo: Shim) -> None:
     echo.request(mode("raise"))
     assert echo.request(http_head()).response.status == 200

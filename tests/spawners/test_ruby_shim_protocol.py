@@ -76,11 +76,25 @@ class HTTPResponse:
 
 @dataclass
 class Result:
-    """What one request produced: the shim's D reply and the response the client read."""
+    """What one request produced: the shim's D reply (``done``, as ``D <seq> <k|c>``; its access
+    log fields apart, None when it has none) and the response the client read."""
 
     done: str
     response: HTTPResponse
     raw: bytes
+    status: int | None = None
+    size: int | None = None
+
+
+def split_done(reply: str) -> tuple[str, int | None, int | None]:
+    """A D reply as ``D <seq> <k|c>`` and its optional status and body size (handoff.md)."""
+    fields = reply.split(" ")
+    assert len(fields) in (3, 5), f"malformed D reply {reply!r}"
+    assert fields[0] == "D" and fields[1].isdigit() and fields[2] in ("k", "c"), reply
+    if len(fields) == 3:
+        return reply, None, None
+    assert fields[3].isdigit() and fields[4].isdigit(), f"malformed D reply {reply!r}"
+    return " ".join(fields[:3]), int(fields[3]), int(fields[4])
 
 
 def parse_response(raw: bytes, *, head_request: bool = False) -> tuple[HTTPResponse, bytes]:
@@ -203,6 +217,9 @@ class Shim:
     listener: socket.socket
     seq: int = 0
     connections: list[Connection] = field(default_factory=list)
+    # Every D reply as it came, access log fields included (send and wait_done return them
+    # without).
+    replies: list[str] = field(default_factory=list)
 
     def handshake(self, **overrides: Any) -> tuple[str, dict[str, Any]]:
         """Sends SPAWN; returns the answer's tag and payload."""
@@ -267,8 +284,13 @@ class Shim:
                 os.close(body_fd)
         return done
 
+    def last_done(self) -> tuple[str, int | None, int | None]:
+        """The last D reply, split: ``D <seq> <k|c>``, status and body size (None: not sent)."""
+        return split_done(self.replies[-1])
+
     def wait_done(self, connection: Connection) -> str:
-        """Reads the client's end while waiting for the D reply, so big responses cannot stall."""
+        """Reads the client's end while waiting for the D reply, so big responses cannot stall;
+        returns it as ``D <seq> <k|c>`` (all of it is kept in ``replies``)."""
         deadline = time.monotonic() + TIMEOUT
         readable = [self.control]
         if connection.client.fileno() != -1:
@@ -278,7 +300,9 @@ class Shim:
             if connection.client in ready:
                 connection.pump()
             if self.control in ready:
-                return self.control.recv(1 << 16).decode()
+                reply = self.control.recv(1 << 16).decode()
+                self.replies.append(reply)
+                return split_done(reply)[0]
         raise AssertionError(f"no D reply within {TIMEOUT} s; log:\n{self.log()}")
 
     def request(
@@ -290,13 +314,19 @@ class Shim:
         body_file: Path | None = None,
         scheme: str = "http",
     ) -> Result:
-        """One request on a fresh connection; the response is read after the core's end closes."""
+        """One request on a fresh connection; the response is read after the core's end closes.
+        The D reply's status and body size must be those the client read."""
         connection = self.connect()
         done = self.send(connection, head, body, flags=flags, body_file=body_file, scheme=scheme)
+        _, status, size = self.last_done()
         raw = connection.finish()
         response, rest = parse_response(raw, head_request=head.startswith(b"HEAD "))
         assert rest == b"", f"bytes after the response: {rest[:100]!r}"
-        return Result(done, response, raw)
+        assert (status, size) == (response.status, len(response.body)), (
+            f"D reply {self.replies[-1]!r} for a {response.status} response of "
+            f"{len(response.body)} body bytes"
+        )
+        return Result(done, response, raw, status, size)
 
     def progress(self) -> int:
         value: int = struct.unpack("<Q", self.progress_path.read_bytes()[:8])[0]
@@ -1130,6 +1160,62 @@ def test_exception_after_the_response_began_closes(echo: Shim) -> None:
     assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
     assert raw.endswith(b"7\r\npartial\r\n")  # no last chunk: the client sees a cut response
     assert "raised after the response began" in echo.log()
+
+
+# The access log's fields in D
+
+
+def test_d_reports_status_and_body_bytes_of_a_whole_response(echo: Shim) -> None:
+    result = echo.request(route("hello"))
+    assert echo.replies[-1] == f"D {echo.seq} k 200 11"
+    assert (result.status, result.size) == (200, len(b"hello world"))
+    big = echo.request(route("big-array"))  # head and body in separate writes
+    assert (big.status, big.size) == (200, 3_000_000)
+    created = echo.request(route("string-status"))
+    assert (created.status, created.size) == (201, len(b"created"))
+
+
+def test_d_reports_body_bytes_of_a_chunked_response_without_the_framing(echo: Shim) -> None:
+    result = echo.request(route("stream"))
+    assert result.response.chunked
+    assert echo.replies[-1] == f"D {echo.seq} k 200 {len(b'line 0 line 1 line 2 ')}"
+    called = echo.request(route("call"))
+    assert (called.status, called.size) == (200, len(b"streamed by call"))
+    length = echo.request(route("stream-length"))
+    assert (length.status, length.size) == (200, 10)
+
+
+def test_d_reports_no_body_bytes_for_head(echo: Shim) -> None:
+    echo.request(route("hello", method="HEAD"))
+    assert echo.replies[-1] == f"D {echo.seq} k 200 0"
+    echo.request(route("stream", method="HEAD"))
+    assert echo.replies[-1] == f"D {echo.seq} k 200 0"
+
+
+def test_d_reports_the_500_page_the_shim_sent(echo: Shim) -> None:
+    result = echo.request(route("raise"))
+    assert echo.replies[-1] == f"D {echo.seq} k 500 {len(result.response.body)}"
+    assert result.size and result.size > 0
+
+
+def test_d_reports_a_file_body(echo: Shim) -> None:
+    result = echo.request(route("file"))
+    size = (APPS / "echo_rack" / "config.ru").stat().st_size
+    assert (result.status, result.size) == (200, size)
+
+
+def test_d_reports_what_was_sent_before_an_error_after_the_response_began(echo: Shim) -> None:
+    connection = echo.connect()
+    echo.send(connection, route("raise-after"))
+    assert echo.replies[-1] == f"D {echo.seq} c 200 {len(b'partial')}"
+    connection.finish()
+
+
+def test_d_has_no_access_log_fields_when_the_response_never_began(echo: Shim) -> None:
+    connection = echo.connect()
+    connection.reset_by_client()
+    echo.send(connection, route("big"))
+    assert echo.replies[-1] == f"D {echo.seq} c"
 
 
 def test_the_process_keeps_serving_after_errors(echo: Shim) -> None:

@@ -90,7 +90,9 @@ class Forked:
 
     def get(self, target: str = "/") -> bytes:
         done, response = self.request(http_head(target))
-        assert (done, response.status) == (f"D {self.seq} k", 200), response.body
+        assert (done, response.status) == (f"D {self.seq} k 200 {len(response.body)}", 200), (
+            response.body
+        )
         return response.body
 
 
