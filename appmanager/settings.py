@@ -8,7 +8,9 @@ spells a setting's default, type or documentation.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -65,6 +67,30 @@ def _readable_file(value: Any) -> None:
 def _nonempty(value: Any) -> None:
     if not str(value).strip():
         raise ValueError("must not be empty")
+
+
+def _user(value: Any) -> None:
+    try:
+        uid = pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise ValueError(f"user {value!r} does not exist") from None
+    if os.geteuid() != 0:
+        if uid != os.geteuid():
+            raise ValueError("--user needs appmanager to run as root")
+    elif uid == 0:
+        raise ValueError("apps never run as root (a root-owned app runs as nobody)")
+
+
+def _group(value: Any) -> None:
+    try:
+        gid = grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ValueError(f"group {value!r} does not exist") from None
+    if os.geteuid() != 0:
+        if gid != os.getegid():
+            raise ValueError("--group needs appmanager to run as root")
+    elif gid == 0:
+        raise ValueError("apps never run as group root")
 
 
 @dataclass(frozen=True)
@@ -270,6 +296,32 @@ SETTINGS: tuple[Setting, ...] = (
         "listens on the port given in $PORT (on 127.0.0.1). The core proxies requests to it.",
         validator=_nonempty,
         metavar="COMMAND",
+    ),
+    Setting(
+        "user",
+        "str",
+        None,
+        Scope.APP,
+        "When appmanager runs as root: run the app's processes as this user instead of the owner "
+        "of the app's startup file (of the app root, for a generic app). An app never runs as "
+        "root: when that owner is root, its processes run as `nobody`. The processes get the "
+        "user's groups and its HOME, USER and LOGNAME. Without root, the processes run as "
+        "appmanager's own user. Command line only: a Passengerfile.json belongs to the app's "
+        "owner, who must not choose whom the app runs as.",
+        validator=_user,
+        metavar="NAME",
+        file=False,
+    ),
+    Setting(
+        "group",
+        "str",
+        None,
+        Scope.APP,
+        "When appmanager runs as root: run the app's processes with this primary group instead "
+        "of their user's (`nogroup` for a user whose group is root). Command line only.",
+        validator=_group,
+        metavar="NAME",
+        file=False,
     ),
     Setting(
         "env_var",

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from appmanager.process import Process
 from appmanager.process_node import NodeProcess
 from appmanager.proxy import ProxyProcess
 from appmanager.spawnerror import SpawnError
+from appmanager.users import RunAs, current_user, process_user, run_as
 
 if TYPE_CHECKING:
     from appmanager.group import Group
@@ -87,8 +89,10 @@ def _high_dup(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
 
 
-def _environment(group: Group, extra: dict[str, str]) -> dict[str, str]:
+def _environment(group: Group, extra: dict[str, str], user: RunAs | None) -> dict[str, str]:
     env = dict(os.environ)
+    if user is not None:
+        env.update(user.environment())
     app_env = group.settings["environment"]
     for name in ("APPMANAGER_ENV", "WSGI_ENV", "RACK_ENV", "RAILS_ENV", "NODE_ENV"):
         env[name] = app_env
@@ -99,31 +103,113 @@ def _environment(group: Group, extra: dict[str, str]) -> dict[str, str]:
 
 
 def _launch(
-    argv: list[str], env: dict[str, str], fds: dict[int, int], group: Group
+    argv: list[str], env: dict[str, str], fds: dict[int, int], group: Group, user: RunAs | None
 ) -> tuple[int, OutputCapture]:
-    """posix_spawn ``argv`` in its own session with stdin from /dev/null, stdout and stderr into
-    the log, and ``fds`` (target number → source descriptor) in place."""
+    """Start ``argv`` in its own session with stdin from /dev/null, stdout and stderr into the log,
+    ``fds`` (target number → source descriptor) in place, and as ``user`` (None: as the core's
+    own user)."""
     out_r, out_w = os.pipe()
     high = {target: _high_dup(source) for target, source in fds.items()}
-    actions: list[tuple[Any, ...]] = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_DUP2, out_w, 1),
-        (os.POSIX_SPAWN_DUP2, out_w, 2),
-    ]
-    actions += [(os.POSIX_SPAWN_DUP2, source, target) for target, source in high.items()]
     try:
-        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
-    except OSError as exc:
+        if user is None:
+            pid = _posix_spawn(argv, env, high, out_w)
+        else:
+            pid = _spawn_as(user, argv, env, high, out_w, group.spec.root)
+    except SpawnError:
         os.close(out_r)
-        raise SpawnError("PREPARE", f"cannot run {argv[0]}: {exc.strerror}") from None
+        raise
     finally:
         os.close(out_w)
         for fd in high.values():
             os.close(fd)
     output = OutputCapture(asyncio.get_running_loop(), out_r, group.name)
     output.pid = pid
-    log.info("process %d spawned for app %s", pid, group.name)
+    name = current_user() if user is None else user.name
+    log.info("process %d spawned for app %s as user %s", pid, group.name, name)
     return pid, output
+
+
+def _posix_spawn(argv: list[str], env: dict[str, str], fds: dict[int, int], out_w: int) -> int:
+    """The fast path, when no user switching is needed: posix_spawn (vfork and exec)."""
+    actions: list[tuple[Any, ...]] = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, out_w, 1),
+        (os.POSIX_SPAWN_DUP2, out_w, 2),
+    ]
+    actions += [(os.POSIX_SPAWN_DUP2, source, target) for target, source in fds.items()]
+    try:
+        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+    except OSError as exc:
+        raise SpawnError("PREPARE", f"cannot run {argv[0]}: {exc.strerror}") from None
+
+
+# Switching users. posix_spawn cannot change the user (Python 3.11 has no such attribute), and
+# os.fork() followed by Python code in the child is unsafe in the core (other threads: ZeroMQ's,
+# the loop's executor) and slow (the whole interpreter runs in the child); preexec_fn has the same
+# problem. subprocess.Popen does the switch in C between fork and exec (_posixsubprocess:
+# setgroups, setregid, setreuid, then exec), so nothing of the app, not even its environment
+# (LD_PRELOAD, PYTHONPATH), is ever used as root. What Popen cannot do is put descriptors at chosen
+# numbers (pass_fds keeps them where they are), and the shims expect theirs at exactly 3 and 4; so
+# the child is _PLACE_FDS, already running as the app's user, which dup2s the descriptors onto
+# their numbers and execs the real program. Dup'ing onto 3 and 4 in the core around Popen instead
+# would race with everything else the core opens meanwhile. The cost is one short-lived interpreter
+# start (-I -S: a few ms), only for processes that switch users; forked processes come from
+# their preloader, which already runs as the app's user.
+_PLACE_FDS = """
+import os, sys
+pairs = [tuple(map(int, p.split(":"))) for p in sys.argv[1].split(",") if p]
+for target, source in pairs:
+    os.dup2(source, target)
+for target, source in pairs:
+    os.close(source)
+try:
+    os.execv(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    sys.stderr.write(f"cannot run {sys.argv[2]}: {exc.strerror}\\n")
+    sys.exit(127)
+"""
+
+
+def _spawn_as(
+    user: RunAs,
+    argv: list[str],
+    env: dict[str, str],
+    fds: dict[int, int],
+    out_w: int,
+    cwd: str,
+) -> int:
+    """Start ``argv`` as ``user`` (see above): in the app root, with ``fds`` placed by _PLACE_FDS
+    when there are any."""
+    if fds:
+        placement = ",".join(f"{target}:{source}" for target, source in fds.items())
+        argv = [sys.executable, "-I", "-S", "-c", _PLACE_FDS, placement, *argv]
+    try:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=out_w,
+            pass_fds=tuple(fds.values()),
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            # As posix_spawn: signal dispositions are inherited (SIGPIPE stays ignored).
+            restore_signals=False,
+            user=user.uid,
+            group=user.gid,
+            extra_groups=list(user.groups),
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        where = getattr(exc, "filename", None)
+        if where and where != argv[0]:
+            reason = f"{where}: {reason}"
+        raise SpawnError("PREPARE", f"cannot run {argv[0]} as user {user.name}: {reason}") from None
+    # The process is the core's to reap (its pidfd, like any other): a Popen whose returncode is
+    # unset would waitpid() it from __del__ or subprocess's cleanup of other Popens, and take its
+    # exit status away. Marking it done leaves the Popen inert.
+    child.returncode = 0
+    return child.pid
 
 
 def _spawn_message(group: Group) -> dict[str, Any]:
@@ -160,16 +246,18 @@ async def _start_shim(
     """Exec a Python or Ruby shim with a SOCK_SEQPACKET control channel, send it ``message`` and
     wait for its one answer. Returns the process (still SPAWNING) and the answer."""
     argv = [interpreter(group, language), shim_path(language)]
+    user = run_as(group)
     core_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     progress_fd = os.memfd_create("appmanager-progress", os.MFD_CLOEXEC)
     os.ftruncate(progress_fd, 8)
     env = _environment(
         group,
         {"APPMANAGER_CONTROL_FD": str(CONTROL_FD), "APPMANAGER_PROGRESS_FD": str(PROGRESS_FD)},
+        user,
     )
     try:
         pid, output = _launch(
-            argv, env, {CONTROL_FD: child_end.fileno(), PROGRESS_FD: progress_fd}, group
+            argv, env, {CONTROL_FD: child_end.fileno(), PROGRESS_FD: progress_fd}, group, user
         )
     except SpawnError:
         core_end.close()
@@ -238,10 +326,11 @@ async def _spawn_forked(group: Group, preloader: Preloader) -> Process:
     kind, _, payload = reply.partition(b" ")
     result = _finish(group, proc, kind.decode(), json.loads(payload or b"{}"))
     log.info(
-        "process %d forked by preloader %d in %.0f ms",
+        "process %d forked by preloader %d in %.0f ms as user %s",
         pid,
         preloader.pid,
         (time.monotonic() - started) * 1000,
+        process_user(pid),
     )
     return result
 
@@ -249,6 +338,7 @@ async def _spawn_forked(group: Group, preloader: Preloader) -> Process:
 async def _spawn_node(group: Group) -> Process:
     """Node: its own IPC channel (JSON lines over SOCK_STREAM) and whole connections."""
     argv = [interpreter(group, "node"), shim_path("node")]
+    user = run_as(group)
     core_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     progress_fd = os.memfd_create("appmanager-progress", os.MFD_CLOEXEC)
     os.ftruncate(progress_fd, NODE_SLOTS)
@@ -259,10 +349,11 @@ async def _spawn_node(group: Group) -> Process:
             "NODE_CHANNEL_SERIALIZATION_MODE": "json",
             "APPMANAGER_PROGRESS_FD": str(PROGRESS_FD),
         },
+        user,
     )
     try:
         pid, output = _launch(
-            argv, env, {CONTROL_FD: child_end.fileno(), PROGRESS_FD: progress_fd}, group
+            argv, env, {CONTROL_FD: child_end.fileno(), PROGRESS_FD: progress_fd}, group, user
         )
     except SpawnError:
         core_end.close()
@@ -283,9 +374,10 @@ async def _spawn_node(group: Group) -> Process:
 async def _spawn_generic(group: Group) -> Process:
     """A generic app: the app's own command, listening on $PORT; READY once the port accepts."""
     port = _free_port()
-    env = _environment(group, {"PORT": str(port), "APPMANAGER_APP_ROOT": group.spec.root})
+    user = run_as(group)
+    env = _environment(group, {"PORT": str(port), "APPMANAGER_APP_ROOT": group.spec.root}, user)
     argv = [sys.executable, "-c", _GENERIC_LAUNCHER, group.spec.command]
-    pid, output = _launch(argv, env, {}, group)
+    pid, output = _launch(argv, env, {}, group, user)
     proc = ProxyProcess(group, pid, os.pidfd_open(pid), output, port)
     deadline = time.monotonic() + group.settings["start_timeout"]
     while True:
