@@ -35,6 +35,8 @@ log = logging.getLogger("appmanager")
 PR_SET_CHILD_SUBREAPER = 36
 IDLE_TIMEOUT = 75.0  # keep-alive connections with no request for this long are closed
 READ_TIMEOUT = 60.0  # a request that stalls this long while being read gets 408
+# At shutdown, a connection accepted but not yet sending gets this long to send its request.
+FRESH_GRACE = 1.0
 
 
 class StartError(Exception):
@@ -272,6 +274,19 @@ class Core:
         for group in self.pool.groups:
             group.restart_soon()
 
+    def _requests_pending(self) -> bool:
+        """Do connections accepted before the stop still owe (or hold part of) a request? A
+        fresh connection gets FRESH_GRACE seconds to send its first one."""
+        now = time.monotonic()
+        for conn in self.connections:
+            if conn.closed or conn.lingering or conn.handed or conn.busy:
+                continue
+            if conn.reader is not None or conn.buf:
+                return True
+            if conn.served == 0 and now - conn.created < FRESH_GRACE:
+                return True
+        return False
+
     def _reopen_logs(self) -> None:
         if self.pool.access_log is not None:
             self.pool.access_log.reopen()
@@ -329,10 +344,10 @@ class Core:
             except OSError:
                 pass
         for conn in list(self.connections):
-            if not conn.busy:
+            if conn.idle_between_requests():
                 conn.close()
         deadline = time.monotonic() + self.settings["shutdown_timeout"]
-        while self.pool.busy() and time.monotonic() < deadline:
+        while (self.pool.busy() or self._requests_pending()) and time.monotonic() < deadline:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), 0.1)

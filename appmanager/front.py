@@ -55,6 +55,8 @@ class Connection:
         "lingering",
         "paused",
         "last_active",
+        "created",
+        "served",
         "_out",
         "_close_after_write",
         "_loop",
@@ -76,7 +78,10 @@ class Connection:
         self.closed = False
         self.lingering = 0.0
         self.paused = False
-        self.last_active = time.monotonic()
+        self.last_active = self.created = time.monotonic()
+        # Requests answered on this connection (a keep-alive connection that served some and
+        # is idle may be closed at shutdown; a fresh one still owes its first request).
+        self.served = 0
         self._out = b""
         self._close_after_write = False
         self._loop = core.loop
@@ -189,6 +194,7 @@ class Connection:
     def on_response_done(self, keep: bool) -> None:
         """The process finished the current request (``D`` message)."""
         self.busy = False
+        self.served += 1
         self.last_active = time.monotonic()
         if self.handed:
             # The process read from the connection itself: nothing here is in sync any more.
@@ -217,6 +223,7 @@ class Connection:
     def respond(self, data: bytes, *, close: bool = False) -> None:
         """Write a response of the core's own (an error page) and finish the current request."""
         self.busy = False
+        self.served += 1
         self._write(data)
         if close or self.eof or self.core.stopping:
             if self._out:
@@ -295,6 +302,10 @@ class Connection:
         self.sock.close()
         self.core.connections.discard(self)
 
+    def idle_between_requests(self) -> bool:
+        """Has it served requests and holds no part of another (safe to close at shutdown)?"""
+        return not self.busy and self.served > 0 and not self.buf and self.reader is None
+
     def sweep(self, now: float, idle_timeout: float, read_timeout: float) -> None:
         """Called about once a second: end lingering closes and idle or stalled connections."""
         if self.lingering:
@@ -348,7 +359,14 @@ class Listener:
             self.core.connections.add(conn)
 
     def close(self) -> None:
+        """Stop listening. Connections the kernel already completed are taken first: their
+        clients were accepted and are served (their responses close the connection)."""
         self.core.loop.remove_reader(self.sock.fileno())
+        for _ in range(1024):
+            before = len(self.core.connections)
+            self._on_accept()
+            if len(self.core.connections) == before:
+                break
         self.sock.close()
 
 

@@ -397,6 +397,15 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="FILE",
     ),
     Setting(
+        "user_switching",
+        "bool",
+        True,
+        Scope.APP,
+        "When the core runs as root, run each app as the owner of its startup file (never as "
+        "root: nobody when root owns it). Off: apps run as the core's own user, which is only "
+        "meant for development and tests.",
+    ),
+    Setting(
         "min_instances",
         "int",
         1,

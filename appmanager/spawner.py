@@ -150,24 +150,17 @@ def _posix_spawn(argv: list[str], env: dict[str, str], fds: dict[int, int], out_
 # setgroups, setregid, setreuid, then exec), so nothing of the app, not even its environment
 # (LD_PRELOAD, PYTHONPATH), is ever used as root. What Popen cannot do is put descriptors at chosen
 # numbers (pass_fds keeps them where they are), and the shims expect theirs at exactly 3 and 4; so
-# the child is _PLACE_FDS, already running as the app's user, which dup2s the descriptors onto
-# their numbers and execs the real program. Dup'ing onto 3 and 4 in the core around Popen instead
-# would race with everything else the core opens meanwhile. The cost is one short-lived interpreter
-# start (-I -S: a few ms), only for processes that switch users; forked processes come from
-# their preloader, which already runs as the app's user.
-_PLACE_FDS = """
-import os, sys
-pairs = [tuple(map(int, p.split(":"))) for p in sys.argv[1].split(",") if p]
-for target, source in pairs:
-    os.dup2(source, target)
-for target, source in pairs:
-    os.close(source)
-try:
-    os.execv(sys.argv[2], sys.argv[2:])
-except OSError as exc:
-    sys.stderr.write(f"cannot run {sys.argv[2]}: {exc.strerror}\\n")
-    sys.exit(127)
-"""
+# the child is _PLACE_FDS, a line of sh already running as the app's user, which moves the
+# descriptors onto their numbers and execs the real program. Dup'ing onto 3 and 4 in the core
+# around Popen instead would race with everything else the core opens meanwhile. The cost is one
+# short-lived shell, only for processes that switch users; forked processes come from their
+# preloader, which already runs as the app's user.
+# POSIX sh is on every machine and runnable by every user, whatever the app's language (the core's
+# own interpreter may live where the app's user cannot reach it). $1 is "TARGET:SOURCE,...".
+_PLACE_FDS = (
+    'IFS=","; for pair in $1; do t=${pair%%:*}; s=${pair#*:}; eval "exec $t<&$s $s<&-"; done; '
+    'shift; exec "$@"'
+)
 
 
 def _spawn_as(
@@ -182,7 +175,7 @@ def _spawn_as(
     when there are any."""
     if fds:
         placement = ",".join(f"{target}:{source}" for target, source in fds.items())
-        argv = [sys.executable, "-I", "-S", "-c", _PLACE_FDS, placement, *argv]
+        argv = ["/bin/sh", "-c", _PLACE_FDS, "sh", placement, *argv]
     try:
         child = subprocess.Popen(
             argv,

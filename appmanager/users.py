@@ -76,9 +76,9 @@ def process_user(pid: int) -> str:
 def run_as(group: Group) -> RunAs | None:
     """Who ``group``'s processes run as, looked up afresh for each spawn (an app's owner may change
     while the core runs); None when the core does not switch users. Raises ``SpawnError``."""
-    if not switching():
-        return None
     settings = group.settings
+    if not switching() or not settings["user_switching"]:
+        return None
     user = _user(settings["user"], _owned_path(group))
     gid = user.pw_gid
     if settings["group"]:

@@ -216,6 +216,10 @@ def start_server(
         str(log_path),
         *args,
     ]
+    if os.geteuid() == 0 and "--user-switching" not in args:
+        # As root (CI), apps would run as their owner or nobody, which cannot reach the test's
+        # private temporary directories; tests of user switching turn it on themselves.
+        cmd += ["--user-switching", "off"]
     full_env = dict(os.environ)
     full_env.update(env or {})
     proc = subprocess.Popen(

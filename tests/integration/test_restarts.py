@@ -223,3 +223,68 @@ def test_broken_deploy_keeps_the_old_version_serving(server_factory, tmp_path) -
     )
     assert "failed to start: LOAD_APP failed" in status.stdout
     assert old & {p.pid for p in server.app_processes()}
+
+
+@dataclass
+class FreshLoad:
+    """Clients that open a new connection for every request, until the server stops
+    accepting: a refused connection was never accepted; anything else that is not a 200 after
+    the connection was made is a failure."""
+
+    port: int
+    ok: int = 0
+    refused: int = 0
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        for _ in range(CLIENTS):
+            thread = threading.Thread(target=self._client, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def _client(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+            except ConnectionRefusedError:
+                with self._lock:
+                    self.refused += 1
+                time.sleep(0.01)
+                continue
+            try:
+                sock.sendall(b"GET /app/sleep?0.2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                resp = HttpReader(sock).read()
+                with self._lock:
+                    if resp.status == 200:
+                        self.ok += 1
+                    else:
+                        self.failures.append(f"status {resp.status}")
+            except OSError as exc:
+                with self._lock:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                sock.close()
+
+
+def test_graceful_shutdown_under_load_fails_no_accepted_request(server_factory) -> None:
+    server = server_factory(APPS / "wsgi_echo", "--min-instances", "2", "--max-pool-size", "4")
+    load = FreshLoad(server.port)
+    load.start()
+    try:
+        time.sleep(1.0)
+        assert server.stop() == 0
+        time.sleep(0.3)
+    finally:
+        load.stop()
+    assert not load.failures, load.failures[:5]
+    assert load.ok > 10
+    assert load.refused > 0  # the clients kept trying after the listener closed

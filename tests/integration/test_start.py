@@ -14,6 +14,9 @@ import psutil
 import pytest
 from conftest import APPS, ROOT, free_port, get
 
+# As root (CI) the suite runs apps as the core's user: see conftest.start_server.
+ROOT_ARGS = ("--user-switching", "off") if os.geteuid() == 0 else ()
+
 
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 30
@@ -55,6 +58,7 @@ def test_serves_the_current_directory_by_default(tmp_path: Path) -> None:
             str(port),
             "--instance-dir",
             str(tmp_path / "inst"),
+            *ROOT_ARGS,
         ],
         cwd=ROOT / "examples" / "hello",
         stdout=subprocess.PIPE,
@@ -201,6 +205,7 @@ def test_daemonize_with_pid_file(tmp_path: Path) -> None:
         str(log_file),
         "--instance-dir",
         str(tmp_path / "inst"),
+        *ROOT_ARGS,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Serving" in result.stdout

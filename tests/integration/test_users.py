@@ -28,6 +28,16 @@ pytestmark = pytest.mark.skipif(
 BIG_BODY = os.urandom(200 * 1024)  # past the 64 KiB inline limit: spooled, passed as a descriptor
 
 
+@pytest.fixture
+def server_factory(server_factory):  # type: ignore[no-untyped-def]
+    """The suite's server_factory with user switching on (the suite turns it off as root)."""
+
+    def factory(app_dir, *args, **kw):  # type: ignore[no-untyped-def]
+        return server_factory(app_dir, "--user-switching", "on", *args, **kw)
+
+    return factory
+
+
 @dataclass(frozen=True)
 class Account:
     name: str
