@@ -150,13 +150,15 @@ def _posix_spawn(argv: list[str], env: dict[str, str], fds: dict[int, int], out_
 # setgroups, setregid, setreuid, then exec), so nothing of the app, not even its environment
 # (LD_PRELOAD, PYTHONPATH), is ever used as root. What Popen cannot do is put descriptors at chosen
 # numbers (pass_fds keeps them where they are), and the shims expect theirs at exactly 3 and 4; so
-# the child is _PLACE_FDS, a line of sh already running as the app's user, which moves the
+# the child is _PLACE_FDS, a line of bash already running as the app's user, which moves the
 # descriptors onto their numbers and execs the real program. Dup'ing onto 3 and 4 in the core
 # around Popen instead would race with everything else the core opens meanwhile. The cost is one
 # short-lived shell, only for processes that switch users; forked processes come from their
 # preloader, which already runs as the app's user.
-# POSIX sh is on every machine and runnable by every user, whatever the app's language (the core's
-# own interpreter may live where the app's user cannot reach it). $1 is "TARGET:SOURCE,...".
+# bash is on every Debian machine (an Essential package) and runnable by every user, whatever the
+# app's language (the core's own interpreter may live where the app's user cannot reach it);
+# unlike dash it takes descriptor numbers above 9, and the sources are 10 or above. $1 is
+# "TARGET:SOURCE,...".
 _PLACE_FDS = (
     'IFS=","; for pair in $1; do t=${pair%%:*}; s=${pair#*:}; eval "exec $t<&$s $s<&-"; done; '
     'shift; exec "$@"'
@@ -175,7 +177,7 @@ def _spawn_as(
     when there are any."""
     if fds:
         placement = ",".join(f"{target}:{source}" for target, source in fds.items())
-        argv = ["/bin/sh", "-c", _PLACE_FDS, "sh", placement, *argv]
+        argv = ["/bin/bash", "-c", _PLACE_FDS, "bash", placement, *argv]
     try:
         child = subprocess.Popen(
             argv,
