@@ -285,6 +285,9 @@ class AppManagerPeer(ForegroundPeer):
             "2",
             "--instance-dir",
             str(self.instance_dir),
+            # As root, appmanager would run the app as its owner (nobody here), who may not reach
+            # the interpreter; the data path measured here is the same either way.
+            *(["--user-switching", "off"] if os.geteuid() == 0 else []),
             *self.extra_args,
         ]
 
