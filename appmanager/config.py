@@ -23,6 +23,9 @@ log = logging.getLogger("appmanager")
 PASSENGERFILE = "Passengerfile.json"
 # Passengerfile.json keys whose appmanager setting has another name.
 PASSENGER_RENAMES = {"envvars": "env_var"}
+# A Passengerfile.json belongs to the app's owner: it may not name files the core (perhaps root)
+# would read on the app's behalf, nor the user the app runs as.
+PASSENGERFILE_REFUSED = frozenset({"custom_error_page", "user", "group"})
 APP_ONLY_KEYS = ("root",)
 
 
@@ -125,6 +128,11 @@ def _read_passengerfile(root: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, raw in data.items():
         name = PASSENGER_RENAMES.get(str(key), str(key))
+        if name in PASSENGERFILE_REFUSED:
+            log.warning(
+                "%s: ignoring %r: only the command line or appmanager.toml may set it", path, key
+            )
+            continue
         setting = settings.BY_NAME.get(name)
         if setting is None or not setting.file:
             log.warning("%s: ignoring %r, which appmanager does not support", path, key)

@@ -189,3 +189,16 @@ def test_detects_each_language(tmp_path: Path) -> None:
     assert spec.app_type == "node" and spec.startup_file.endswith("lib/start.js")
     generic = build(str(tmp_path / "pkg"), cli(app_start_command="./run --fast")).apps[0].spec
     assert generic.app_type == "generic" and generic.command == "./run --fast"
+
+
+def test_passengerfile_cannot_name_files_or_users(tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "passenger_wsgi.py").write_text("application = None\n")
+    (app / "Passengerfile.json").write_text(
+        json.dumps({"custom_error_page": "/etc/shadow", "user": "root", "environment": "staging"})
+    )
+    (only,) = build(str(app), cli()).apps
+    assert only.settings["custom_error_page"] is None
+    assert only.settings["user"] is None
+    assert only.settings["environment"] == "staging"
