@@ -7,10 +7,11 @@ is the only reader of a connection; an app process is its only writer while it h
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
+import os
 import socket
+import stat
 import struct
 import time
 from typing import TYPE_CHECKING
@@ -168,7 +169,7 @@ class Connection:
             data = request.head + bytes(self.buf)
             self.buf.clear()
             self.busy = True
-            group.dispatch_connection(self, data)
+            group.dispatch(self, data)
             return False
         return True
 
@@ -387,9 +388,6 @@ def listen_tcp(address: str, port: int, backlog: int = 1024) -> socket.socket:
 
 def listen_unix(path: str, backlog: int = 1024) -> socket.socket:
     """A listening Unix socket at ``path``, replacing a stale socket file left there."""
-    import os
-    import stat
-
     try:
         if stat.S_ISSOCK(os.stat(path).st_mode):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -411,6 +409,3 @@ def listen_unix(path: str, backlog: int = 1024) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-__all__ = ["Connection", "Listener", "listen_tcp", "listen_unix", "asyncio"]

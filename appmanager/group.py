@@ -170,8 +170,6 @@ class Group:
         self.wait_list.append((conn, request))
         conn.waiting = self
 
-    dispatch_connection = dispatch
-
     def _hand(self, proc: Process, conn: Connection, request: Request | bytes) -> bool:
         if isinstance(request, bytes):
             assert isinstance(proc, NodeProcess)

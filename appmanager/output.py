@@ -38,29 +38,25 @@ class OutputCapture:
         return "\n".join(lines)
 
     def _drain(self) -> None:
-        while self._fd >= 0:
-            try:
-                data = os.read(self._fd, 65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self.close()
-                return
-            self._consume(data)
+        while self._fd >= 0 and self._read_once():
+            pass
 
     def _on_readable(self) -> None:
+        self._read_once()
+
+    def _read_once(self) -> bool:
+        """Read what the pipe holds now; False when nothing was there or the pipe is closed."""
         try:
             data = os.read(self._fd, 65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self.close()
-            return
+            return False
         self._consume(data)
+        return True
 
     def _consume(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")

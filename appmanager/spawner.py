@@ -235,21 +235,24 @@ async def spawn(group: Group) -> Process:
     return await _spawn_shim(group, language)
 
 
-async def _start_shim(
-    group: Group, language: str, message: dict[str, Any], proc_class: type[Process] = Process
-) -> tuple[Process, bytes]:
-    """Exec a Python or Ruby shim with a SOCK_SEQPACKET control channel, send it ``message`` and
-    wait for its one answer. Returns the process (still SPAWNING) and the answer."""
-    argv = [interpreter(group, language), shim_path(language)]
-    user = run_as(group)
-    core_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def _channel(kind: int, progress_size: int) -> tuple[socket.socket, socket.socket, int]:
+    """A new process's control socketpair (the core's end, the child's end) and its progress
+    file of ``progress_size`` bytes."""
+    core_end, child_end = socket.socketpair(socket.AF_UNIX, kind)
     progress_fd = os.memfd_create("appmanager-progress", os.MFD_CLOEXEC)
-    os.ftruncate(progress_fd, 8)
-    env = _environment(
-        group,
-        {"APPMANAGER_CONTROL_FD": str(CONTROL_FD), "APPMANAGER_PROGRESS_FD": str(PROGRESS_FD)},
-        user,
-    )
+    os.ftruncate(progress_fd, progress_size)
+    return core_end, child_end, progress_fd
+
+
+def _launch_with_channel(
+    group: Group, argv: list[str], kind: int, progress_size: int, extra_env: dict[str, str]
+) -> tuple[int, OutputCapture, socket.socket, int]:
+    """Run ``argv`` (a shim) with its control channel at fd 3 and its progress file at fd 4.
+    Returns the pid, its output capture, the core's end of the channel (non-blocking) and the
+    progress file."""
+    user = run_as(group)
+    core_end, child_end, progress_fd = _channel(kind, progress_size)
+    env = _environment(group, extra_env, user)
     try:
         pid, output = _launch(
             argv, env, {CONTROL_FD: child_end.fileno(), PROGRESS_FD: progress_fd}, group, user
@@ -261,7 +264,20 @@ async def _start_shim(
     finally:
         child_end.close()
     core_end.setblocking(False)
-    proc = proc_class(group, pid, core_end, progress_fd, os.pidfd_open(pid), output, 1)
+    return pid, output, core_end, progress_fd
+
+
+async def _start_shim(
+    group: Group, language: str, message: dict[str, Any]
+) -> tuple[Process, bytes]:
+    """Exec a Python or Ruby shim with a SOCK_SEQPACKET control channel, send it ``message`` and
+    wait for its one answer. Returns the process (still SPAWNING) and the answer."""
+    argv = [interpreter(group, language), shim_path(language)]
+    env = {"APPMANAGER_CONTROL_FD": str(CONTROL_FD), "APPMANAGER_PROGRESS_FD": str(PROGRESS_FD)}
+    pid, output, core_end, progress_fd = _launch_with_channel(
+        group, argv, socket.SOCK_SEQPACKET, 8, env
+    )
+    proc = Process(group, pid, core_end, progress_fd, os.pidfd_open(pid), output, 1)
     data = b"SPAWN " + json.dumps(message).encode()
     reply = await _handshake(group, proc, lambda: core_end.send(data), _datagram_reply)
     return proc, reply
@@ -295,9 +311,7 @@ async def start_preloader(group: Group) -> Preloader:
 
 async def _spawn_forked(group: Group, preloader: Preloader) -> Process:
     """One more process forked from the app's preloader, with an output pipe of its own."""
-    core_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    progress_fd = os.memfd_create("appmanager-progress", os.MFD_CLOEXEC)
-    os.ftruncate(progress_fd, 8)
+    core_end, child_end, progress_fd = _channel(socket.SOCK_SEQPACKET, 8)
     out_r, out_w = os.pipe()
     started = time.monotonic()
     try:
@@ -333,30 +347,14 @@ async def _spawn_forked(group: Group, preloader: Preloader) -> Process:
 async def _spawn_node(group: Group) -> Process:
     """Node: its own IPC channel (JSON lines over SOCK_STREAM) and whole connections."""
     argv = [interpreter(group, "node"), shim_path("node")]
-    user = run_as(group)
-    core_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    progress_fd = os.memfd_create("appmanager-progress", os.MFD_CLOEXEC)
-    os.ftruncate(progress_fd, NODE_SLOTS)
-    env = _environment(
-        group,
-        {
-            "NODE_CHANNEL_FD": str(CONTROL_FD),
-            "NODE_CHANNEL_SERIALIZATION_MODE": "json",
-            "APPMANAGER_PROGRESS_FD": str(PROGRESS_FD),
-        },
-        user,
+    env = {
+        "NODE_CHANNEL_FD": str(CONTROL_FD),
+        "NODE_CHANNEL_SERIALIZATION_MODE": "json",
+        "APPMANAGER_PROGRESS_FD": str(PROGRESS_FD),
+    }
+    pid, output, core_end, progress_fd = _launch_with_channel(
+        group, argv, socket.SOCK_STREAM, NODE_SLOTS, env
     )
-    try:
-        pid, output = _launch(
-            argv, env, {CONTROL_FD: child_end.fileno(), PROGRESS_FD: progress_fd}, group, user
-        )
-    except SpawnError:
-        core_end.close()
-        os.close(progress_fd)
-        raise
-    finally:
-        child_end.close()
-    core_end.setblocking(False)
     proc = NodeProcess(group, pid, core_end, progress_fd, os.pidfd_open(pid), output)
     message = {"cmd": "APPMANAGER_SPAWN", **_spawn_message(group)}
     line = json.dumps(message).encode() + b"\n"
