@@ -39,9 +39,12 @@ class HTTPResponse:
     chunked: bool
 
     def header(self, name: str) -> str | None:
-        values = [v for n, v in self.headers if n.lower() == name.lower()]
+        values = self.headers_named(name)
         assert len(values) <= 1, f"{name} sent {len(values)} times"
         return values[0] if values else None
+
+    def headers_named(self, name: str) -> list[str]:
+        return [v for n, v in self.headers if n.lower() == name.lower()]
 
     def json(self) -> Any:
         return json.loads(self.body)

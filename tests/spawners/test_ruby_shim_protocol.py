@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from python_shim import Connection, Result, http_head, parse_response, split_done
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = ROOT / "spawners" / "ruby" / "appmanager_ruby.rb"
@@ -50,97 +51,6 @@ def ruby_can_require(library: str) -> bool:
 def need(library: str) -> None:
     if not ruby_can_require(library):
         pytest.skip(f"ruby cannot require {library!r}")
-
-
-@dataclass
-class HTTPResponse:
-    """A response as the client read it, the body de-chunked."""
-
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    chunked: bool
-
-    def header(self, name: str) -> str | None:
-        values = self.headers_named(name)
-        assert len(values) <= 1, f"{name} sent {len(values)} times"
-        return values[0] if values else None
-
-    def headers_named(self, name: str) -> list[str]:
-        return [v for n, v in self.headers if n.lower() == name.lower()]
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class Result:
-    """What one request produced: the shim's D reply (``done``, as ``D <seq> <k|c>``; its access
-    log fields apart, None when it has none) and the response the client read."""
-
-    done: str
-    response: HTTPResponse
-    raw: bytes
-    status: int | None = None
-    size: int | None = None
-
-
-def split_done(reply: str) -> tuple[str, int | None, int | None]:
-    """A D reply as ``D <seq> <k|c>`` and its optional status and body size (handoff.md)."""
-    fields = reply.split(" ")
-    assert len(fields) in (3, 5), f"malformed D reply {reply!r}"
-    assert fields[0] == "D" and fields[1].isdigit() and fields[2] in ("k", "c"), reply
-    if len(fields) == 3:
-        return reply, None, None
-    assert fields[3].isdigit() and fields[4].isdigit(), f"malformed D reply {reply!r}"
-    return " ".join(fields[:3]), int(fields[3]), int(fields[4])
-
-
-def parse_response(raw: bytes, *, head_request: bool = False) -> tuple[HTTPResponse, bytes]:
-    """Parses one response off the front of ``raw``; returns it and the bytes after it."""
-    head, sep, rest = raw.partition(b"\r\n\r\n")
-    assert sep, f"no complete response head in {raw[:200]!r}"
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    version, code, reason = status_line.split(" ", 2)
-    assert version == "HTTP/1.1"
-    headers = [(n, v.strip()) for n, _, v in (line.partition(":") for line in lines)]
-    response = HTTPResponse(int(code), reason, headers, b"", False)
-    if head_request or response.status in (204, 304) or response.status < 200:
-        return response, rest
-    if (response.header("Transfer-Encoding") or "").lower() == "chunked":
-        response.chunked = True
-        body = bytearray()
-        while True:
-            size_line, sep, rest = rest.partition(b"\r\n")
-            assert sep, "chunked body cut short"
-            size = int(size_line, 16)
-            body += rest[:size]
-            assert rest[size : size + 2] == b"\r\n"
-            rest = rest[size + 2 :]
-            if size == 0:
-                break
-        response.body = bytes(body)
-        return response, rest
-    length = response.header("Content-Length")
-    if length is not None:
-        assert len(rest) >= int(length), "body shorter than Content-Length"
-        response.body = rest[: int(length)]
-        return response, rest[int(length) :]
-    response.body = rest  # delimited by the end of the connection
-    return response, b""
-
-
-def http_head(
-    target: str = "/",
-    *headers: tuple[str, str],
-    method: str = "GET",
-    version: str = "HTTP/1.1",
-) -> bytes:
-    """A request head as a client would send it."""
-    lines = [f"{method} {target} {version}", "Host: example.test:8080"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def route(path: str, *headers: tuple[str, str], **kwargs: Any) -> bytes:
@@ -168,42 +78,6 @@ def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tu
         )
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return f"multipart/form-data; boundary={boundary}", body
-
-
-class Connection:
-    """A loopback TCP connection: the client's end, and the core's end that goes to the shim."""
-
-    def __init__(self, listener: socket.socket) -> None:
-        self.client = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
-        self.server, _ = listener.accept()
-        # As the core's: non-blocking, which the shim must never change.
-        self.server.setblocking(False)
-        self.received = bytearray()
-
-    def pump(self) -> None:
-        """Takes what the client can read now."""
-        while select.select([self.client], [], [], 0)[0]:
-            data = self.client.recv(1 << 20)
-            if not data:
-                return
-            self.received += data
-
-    def finish(self) -> bytes:
-        """Closes the core's end and reads the client's end to EOF."""
-        self.server.close()
-        while data := self.client.recv(1 << 20):
-            self.received += data
-        self.client.close()
-        return bytes(self.received)
-
-    def reset_by_client(self) -> None:
-        """The client goes away with an RST, as a browser closing a tab might."""
-        self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.client.close()
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.close()
 
 
 @dataclass

@@ -23,18 +23,8 @@ from typing import Any
 
 import psutil
 import pytest
-from test_ruby_shim_protocol import (
-    APPS,
-    RUBY,
-    TIMEOUT,
-    Connection,
-    HTTPResponse,
-    Shim,
-    http_head,
-    need,
-    parse_response,
-    start_shim,
-)
+from python_shim import Connection, HTTPResponse, http_head, parse_response
+from test_ruby_shim_protocol import APPS, RUBY, TIMEOUT, Shim, need, start_shim
 
 pytestmark = pytest.mark.skipif(RUBY is None, reason="no ruby interpreter on PATH")
 
