@@ -20,8 +20,29 @@ from conftest import APPS, HttpReader, get
 CLIENTS = 8
 
 
+class Clients:
+    """CLIENTS threads running ``_client`` until stopped; subclasses count what they see."""
+
+    join_timeout = 60.0
+
+    def start(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.join_timeout)
+
+    def _client(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class Load:
+class Load(Clients):
     """Clients that send requests in a loop on keep-alive connections until stopped.
 
     A request that gets no answer on a connection that had served others is sent again on a new
@@ -35,20 +56,8 @@ class Load:
     retried: int = 0
     failures: list[str] = field(default_factory=list)
     pids: set[str] = field(default_factory=set)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self) -> None:
-        for _ in range(CLIENTS):
-            thread = threading.Thread(target=self._client, daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
+    join_timeout = 30.0
 
     def _client(self) -> None:
         sock: socket.socket | None = None
@@ -226,7 +235,7 @@ def test_broken_deploy_keeps_the_old_version_serving(server_factory, tmp_path) -
 
 
 @dataclass
-class FreshLoad:
+class FreshLoad(Clients):
     """Clients that open a new connection for every request, until the server stops
     accepting: a refused connection was never accepted; anything else that is not a 200 after
     the connection was made is a failure."""
@@ -235,20 +244,6 @@ class FreshLoad:
     ok: int = 0
     refused: int = 0
     failures: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def start(self) -> None:
-        for _ in range(CLIENTS):
-            thread = threading.Thread(target=self._client, daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
 
     def _client(self) -> None:
         deadline = time.monotonic() + 60
