@@ -128,9 +128,12 @@ class Peer(ABC):
     def start(self) -> None:
         """Start the peer and wait until it serves the hello-world body; raise PeerStartError."""
 
-    @abstractmethod
     def core_processes(self) -> list[psutil.Process]:
-        """The processes whose CPU time counts as the core's; [] when the peer has no core."""
+        """The processes whose CPU time counts as the core's: none for a peer without a core
+        (``has_core`` False); peers with one say which."""
+        if self.has_core:
+            raise NotImplementedError(f"{type(self).__name__} must name its core processes")
+        return []
 
     @abstractmethod
     def stop(self) -> None:
@@ -329,10 +332,6 @@ class GunicornPeer(ForegroundPeer):
             cmd.append("--no-control-socket")  # gunicorn >= 24 would write under ~/.gunicorn
         return [*cmd, "passenger_wsgi:application"]
 
-    def core_processes(self) -> list[psutil.Process]:
-        """gunicorn has no core between client and workers."""
-        return []
-
 
 class PumaPeer(ForegroundPeer):
     """puma in cluster mode, 2 workers of 1 thread each: no core in the data path."""
@@ -363,10 +362,6 @@ class PumaPeer(ForegroundPeer):
             "production",
             "config.ru",
         ]
-
-    def core_processes(self) -> list[psutil.Process]:
-        """puma has no core between client and workers."""
-        return []
 
 
 class UnicornPeer(ForegroundPeer):
@@ -403,10 +398,6 @@ class UnicornPeer(ForegroundPeer):
         self.config_file.write_text("worker_processes 2\n")
         super().start()
 
-    def core_processes(self) -> list[psutil.Process]:
-        """unicorn has no core between client and workers."""
-        return []
-
 
 class NodeClusterPeer(ForegroundPeer):
     """The app under Node's cluster module, 2 workers sharing one port: the bare baseline."""
@@ -434,10 +425,6 @@ class NodeClusterPeer(ForegroundPeer):
     def spawn_env(self) -> dict[str, str] | None:
         """The port and the number of workers."""
         return dict(os.environ, PORT=str(self.port), WORKERS="2", NODE_ENV="production")
-
-    def core_processes(self) -> list[psutil.Process]:
-        """The cluster's primary is no core: it never sees a request."""
-        return []
 
 
 class UvicornPeer(ForegroundPeer):
@@ -469,10 +456,6 @@ class UvicornPeer(ForegroundPeer):
             "--no-access-log",
             "app:app",
         ]
-
-    def core_processes(self) -> list[psutil.Process]:
-        """uvicorn has no core between client and workers."""
-        return []
 
 
 class PassengerPeer(Peer):
