@@ -1,7 +1,8 @@
 """Generating ``docs/settings.md`` from the settings registry.
 
-Run ``python -m appmanager.docgen`` after changing ``settings.py``; a test fails when the committed
-file differs from what this produces.
+Run ``python -m appmanager.docgen`` after changing ``settings.py``: it also writes the connectors'
+directive table (``connectorgen.py``). A test fails when a committed file differs from what this
+produces.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from appmanager import connectorgen
 from appmanager.settings import SETTINGS, Setting
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
@@ -59,6 +61,9 @@ def render() -> str:
 def main() -> None:
     DOC_PATH.write_text(render())
     sys.stdout.write(f"wrote {DOC_PATH}\n")
+    connectorgen.DEF_PATH.parent.mkdir(exist_ok=True)
+    connectorgen.DEF_PATH.write_text(connectorgen.render())
+    sys.stdout.write(f"wrote {connectorgen.DEF_PATH}\n")
 
 
 if __name__ == "__main__":

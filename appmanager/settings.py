@@ -41,6 +41,8 @@ def _at_least(minimum: int) -> Validator:
         if value < minimum:
             raise ValueError(f"must be at least {minimum}, got {value}")
 
+    # The connectors' generated tables check the same bound in C (connectorgen.py).
+    check.minimum = minimum  # type: ignore[attr-defined]
     return check
 
 
@@ -100,8 +102,14 @@ class Setting:
     ``name`` is the canonical snake_case name (``max_pool_size``); the CLI option is
     ``--max-pool-size``. ``type`` is one of ``str``, ``int``, ``float``, ``bool`` or ``path``.
     ``choices`` restricts a ``str`` setting. ``cli`` is False for settings that only a config file
-    or
-    connector may give.
+    or connector may give; ``file`` is False for settings no config file may give.
+
+    ``connector`` says what the nginx and Apache modules do with it (``connector_role``):
+    ``app`` — a per-location directive whose value travels with each request
+    (``docs/protocol/connector.md``); ``core`` — a server-wide directive passed to the core the
+    module starts, as its command-line option; ``module`` — a directive the module itself acts on,
+    never sent; ``none`` — no directive. Left unset: ``app`` for app settings, ``none`` for global
+    ones. ``aliases`` are further names of the same setting (a Passenger directive's name).
     """
 
     name: str
@@ -116,6 +124,14 @@ class Setting:
     metavar: str | None = None
     file: bool = True
     aliases: tuple[str, ...] = field(default=())
+    connector: str | None = None
+
+    @property
+    def connector_role(self) -> str:
+        """``app``, ``core``, ``module`` or ``none``: see the class docstring."""
+        if self.connector is not None:
+            return self.connector
+        return "app" if self.scope is Scope.APP else "none"
 
     @property
     def option(self) -> str:
@@ -196,6 +212,19 @@ def _env_pairs(raw: Any) -> dict[str, str]:
     return env
 
 
+def _existing_user(value: Any) -> None:
+    try:
+        pwd.getpwnam(value)
+    except KeyError:
+        raise ValueError(f"user {value!r} does not exist") from None
+
+
+def _urls(value: Any) -> None:
+    for url in value:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
+
+
 def _host_port(value: Any) -> None:
     host, sep, port = str(value).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -245,6 +274,7 @@ SETTINGS: tuple[Setting, ...] = (
         validator=_nonempty,
         short="-e",
         metavar="NAME",
+        aliases=("app_env",),
     ),
     Setting(
         "app_type",
@@ -351,6 +381,121 @@ SETTINGS: tuple[Setting, ...] = (
         "Host names the app answers to (matched against the Host header, without the port); "
         "config files only.",
         cli=False,
+        connector="none",
+    ),
+    Setting(
+        "app_root",
+        "path",
+        None,
+        Scope.APP,
+        "The app's directory, for the nginx and Apache modules (`appmanager start` takes it as "
+        "its argument). Default, as in Passenger: the parent of the server block's `root` or the "
+        "virtual host's `DocumentRoot`.",
+        metavar="DIR",
+        cli=False,
+        file=False,
+    ),
+    Setting(
+        "enabled",
+        "bool",
+        False,
+        Scope.APP,
+        "nginx and Apache: hand this server block's, location's or virtual host's requests to "
+        "appmanager (files that exist under the document root are still served by the web "
+        "server).",
+        cli=False,
+        file=False,
+        connector="module",
+    ),
+    Setting(
+        "core_socket",
+        "path",
+        None,
+        Scope.GLOBAL,
+        "nginx and Apache: send requests to the core already listening on this Unix socket "
+        "(started on its own, e.g. by systemd, with `appmanager core --socket PATH`) instead of "
+        "starting a core with the web server.",
+        metavar="PATH",
+        cli=False,
+        file=False,
+        connector="module",
+    ),
+    Setting(
+        "core_command",
+        "path",
+        None,
+        Scope.GLOBAL,
+        "nginx and Apache: the `appmanager` executable that starts the core with the web server "
+        "(default: the one that built the module).",
+        metavar="PATH",
+        cli=False,
+        file=False,
+        connector="module",
+    ),
+    Setting(
+        "connector_user",
+        "str",
+        None,
+        Scope.GLOBAL,
+        "Besides the core's own user and root, the one user allowed to connect to --socket: the "
+        "web server's worker user. The nginx and Apache modules pass it to the core they start. "
+        "Connections from any other user are closed at once.",
+        validator=_existing_user,
+        metavar="NAME",
+    ),
+    Setting(
+        "pre_start",
+        "list",
+        None,
+        Scope.GLOBAL,
+        "Request this URL once the core is ready, so that the app behind it has its processes "
+        "running before the first visitor comes (like Passenger's pre_start); repeatable.",
+        validator=_urls,
+        metavar="URL",
+        connector="core",
+    ),
+    Setting(
+        "request_buffering",
+        "bool",
+        True,
+        Scope.APP,
+        "nginx: read a request's whole body before passing the request on (on), or stream a "
+        "body of known length to the core as it arrives (off). The core still reads the whole "
+        "body before an app process gets the request, so a slow upload never holds a process.",
+        cli=False,
+        file=False,
+        connector="module",
+    ),
+    Setting(
+        "engine",
+        "str",
+        "builtin",
+        Scope.GLOBAL,
+        "`builtin`: the core serves HTTP itself; `nginx`: run nginx with appmanager's module in "
+        "front of the core (static files from public/, TLS), as Passenger Standalone's nginx "
+        "engine does.",
+        choices=("builtin", "nginx"),
+        file=False,
+    ),
+    Setting(
+        "ssl_certificate",
+        "path",
+        None,
+        Scope.GLOBAL,
+        "With --engine nginx: serve HTTPS with this certificate (PEM) instead of HTTP.",
+        validator=_readable_file,
+        metavar="FILE",
+        file=False,
+    ),
+    Setting(
+        "ssl_certificate_key",
+        "path",
+        None,
+        Scope.GLOBAL,
+        "With --engine nginx: the private key (PEM) of --ssl-certificate.",
+        validator=_readable_file,
+        metavar="FILE",
+        file=False,
     ),
     Setting(
         "config",
@@ -492,6 +637,7 @@ SETTINGS: tuple[Setting, ...] = (
         "The most app processes the core runs at once, all apps together.",
         validator=_at_least(1),
         metavar="N",
+        connector="core",
     ),
     Setting(
         "max_request_queue_size",
@@ -520,6 +666,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds in-flight requests get to finish when the core stops.",
         validator=_at_least(0),
         metavar="SECONDS",
+        connector="core",
     ),
     Setting(
         "instance_dir",
@@ -530,6 +677,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Removed when the core stops.",
         validator=_writable_parent,
         metavar="DIR",
+        connector="core",
     ),
     Setting(
         "log_file",
@@ -540,6 +688,7 @@ SETTINGS: tuple[Setting, ...] = (
         "--daemonize, log/appmanager.PORT.log in the app root).",
         validator=_writable_parent,
         metavar="FILE",
+        connector="core",
     ),
     Setting(
         "metrics_address",
@@ -550,6 +699,7 @@ SETTINGS: tuple[Setting, ...] = (
         "starting or stopping) on this HOST:PORT.",
         validator=_host_port,
         metavar="HOST:PORT",
+        connector="core",
     ),
     Setting(
         "access_log",
@@ -559,6 +709,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Write one line per request to this file, in the combined log format (off by default).",
         validator=_writable_parent,
         metavar="FILE",
+        connector="core",
     ),
     Setting(
         "log_level",
@@ -567,6 +718,7 @@ SETTINGS: tuple[Setting, ...] = (
         Scope.GLOBAL,
         "The least severe level the core logs.",
         choices=("debug", "info", "warning", "error"),
+        connector="core",
     ),
     Setting(
         "pid_file",
