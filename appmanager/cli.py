@@ -289,3 +289,6 @@ class _ClosingWriter:
     def flush(self) -> None:
         self._file.flush()
         self._file.close()
+
+
+# Commands of the web-server connectors register below, one line each.
