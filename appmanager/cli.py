@@ -91,7 +91,7 @@ def start(app_dir: str | None, **raw: Any) -> None:
         _fail(str(exc))
     except ConfigError as exc:
         _fail(str(exc))
-    from appmanager.core import Core, StartError, configure_logging
+    from appmanager.core import Core
 
     values = plan.settings
     if values["daemonize"] and not values["log_file"]:
@@ -99,9 +99,16 @@ def start(app_dir: str | None, **raw: Any) -> None:
         log_dir = os.path.join(first, "log")
         base = log_dir if os.path.isdir(log_dir) else first
         values["log_file"] = os.path.join(base, f"appmanager.{values['port']}.log")
-    core = Core(plan)
+    _serve(Core(plan))
+
+
+def _serve(server: Any) -> None:
+    """Open a Core's sockets, daemonize if asked, and run it until it stops; exits."""
+    from appmanager.core import StartError, configure_logging
+
+    values = server.settings
     try:
-        core.open()
+        server.open()
     except StartError as exc:
         _fail(str(exc))
     banner = sys.stdout
@@ -115,7 +122,7 @@ def start(app_dir: str | None, **raw: Any) -> None:
     try:
         import uvloop
 
-        status = uvloop.run(core.run(banner))
+        status = uvloop.run(server.run(banner))
     finally:
         if pid_file:
             try:
@@ -123,6 +130,46 @@ def start(app_dir: str | None, **raw: Any) -> None:
             except OSError:
                 pass
     sys.exit(status)
+
+
+@main.command()
+@_setting_options
+@click.option(
+    "--lifeline-fd",
+    type=int,
+    default=None,
+    hidden=True,
+    help="Stop when this descriptor reads EOF (a web server module passes a pipe).",
+)
+def core(lifeline_fd: int | None, **raw: Any) -> None:
+    """Run a core for the nginx or Apache module: no app of its own, no TCP port; it serves
+    the apps that requests on --socket name (docs/protocol/connector.md).
+
+    The modules start one with the web server; run it yourself (e.g. under systemd) and point
+    the module at it with appmanager_core_socket / AppManagerCoreSocket.
+    """
+    from appmanager.config import Plan
+    from appmanager.core import Core
+
+    given = {k: v for k, v in raw.items() if v is not None and v != ()}
+    instance_dir, socket_path = given.get("instance_dir"), given.get("socket")
+    # The socket usually lives in the instance directory, which the core creates: create it
+    # first so that --socket's check (its directory exists) passes.
+    if (
+        instance_dir
+        and socket_path
+        and os.path.dirname(os.path.abspath(socket_path)) == os.path.abspath(instance_dir)
+    ):
+        os.makedirs(instance_dir, mode=0o711, exist_ok=True)
+    try:
+        values = settings.defaults()
+        values.update({k: settings.BY_NAME[k].parse(v) for k, v in given.items()})
+    except settings.SettingError as exc:
+        _fail(str(exc))
+    if not values["socket"]:
+        _fail("--socket is required: the Unix socket the web server's module connects to")
+    values["env_var"] = dict(values["env_var"] or {})
+    _serve(Core(Plan(values, (), connector_only=True), lifeline_fd=lifeline_fd))
 
 
 def _instance_option(func: Callable[..., Any]) -> Callable[..., Any]:

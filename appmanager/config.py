@@ -51,6 +51,8 @@ class Plan:
     settings: dict[str, Any]
     apps: tuple[AppConfig, ...]
     mass_deployment: bool = False
+    # `appmanager core`: no app of its own and no TCP port; apps come from connectors.
+    connector_only: bool = False
 
 
 def build(app_dir: str | None, cli: dict[str, Any]) -> Plan:
@@ -88,6 +90,12 @@ def _app(
     app_settings["env_var"] = dict(values["env_var"] or {})
     app_settings["base_uri"] = normalized
     return AppConfig(name, spec, app_settings, server_names, normalized)
+
+
+def app_config(root: str, values: dict[str, Any]) -> AppConfig:
+    """One app at ``root`` with the settings ``values`` (a connector's app: no server names).
+    Raises DetectError when no app is found there."""
+    return _app(root, values, server_names=(), base_uri=values["base_uri"])
 
 
 def _mass_deployment(

@@ -12,6 +12,7 @@ import ctypes
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -23,11 +24,13 @@ from typing import Any, TextIO
 from appmanager import __version__, instances
 from appmanager.accesslog import AccessLog
 from appmanager.config import Plan
+from appmanager.connector import ConnectorApps
 from appmanager.control import ControlServer
 from appmanager.front import Connection, Listener, listen_tcp, listen_unix
 from appmanager.group import Group
 from appmanager.metrics import MetricsServer
 from appmanager.pool import Pool
+from appmanager.prestart import pre_start
 from appmanager.reaper import Reaper
 
 log = logging.getLogger("appmanager")
@@ -46,10 +49,13 @@ class StartError(Exception):
 class InstanceDir:
     """The instance directory: the core's private place for sockets, state and spooled bodies.
 
-    Created owner-only at start and removed at stop (only what this instance created).
+    Created owner-only at start and removed at stop (only what this instance created). When the
+    connector socket lives inside it, the directory is 0711 instead: a web server's workers may
+    reach the socket by its name, but nobody else may list or write the directory, and its
+    control sockets and state stay owner-only.
     """
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, traversable: bool = False) -> None:
         self.created = False
         if path is None:
             base = os.environ.get("XDG_RUNTIME_DIR")
@@ -65,13 +71,13 @@ class InstanceDir:
             if not os.path.isdir(self.path):
                 os.makedirs(self.path, mode=0o700)
                 self.created = True
-        os.chmod(self.path, 0o700)
+        os.chmod(self.path, 0o711 if traversable else 0o700)
         self.spool = os.path.join(self.path, "spool")
         os.makedirs(self.spool, mode=0o700, exist_ok=True)
 
     def write_state(self, state: dict[str, Any]) -> None:
         tmp = os.path.join(self.path, "core.json.tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(state, f, indent=2)
         os.replace(tmp, os.path.join(self.path, "core.json"))
 
@@ -100,12 +106,19 @@ def _core_alive(state_path: str) -> bool:
 class Core:
     """The appmanager core process; see the module docstring for its lifetime."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, lifeline_fd: int | None = None) -> None:
         self.plan = plan
         self.settings = plan.settings
         self.apps = plan.apps
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.pool = Pool(plan.settings)
+        self.connector_apps = ConnectorApps(self.pool, plan.settings)
+        user = plan.settings["connector_user"]
+        self.connector_uid: int | None = pwd.getpwnam(user).pw_uid if user else None
+        # The read end of a pipe a web server holds open (docs/protocol/connector.md): EOF on it
+        # means the web server is gone, and the core stops as on SIGTERM.
+        self.lifeline_fd = lifeline_fd
+        self._tcp: socket.socket | None = None
         self.reaper = Reaper(self.pool)
         self.control: ControlServer | None = None
         self.metrics: MetricsServer | None = None
@@ -119,6 +132,7 @@ class Core:
         self._stop_event: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
 
     # -- start -----------------------------------------------------------------------------------
@@ -126,20 +140,29 @@ class Core:
     def open(self) -> None:
         """Create the instance directory and the listening sockets (before daemonizing, so that
         errors reach the terminal)."""
-        self.instance = InstanceDir(self.settings["instance_dir"])
+        socket_path = self.settings["socket"]
+        inside = False
+        if socket_path and self.settings["instance_dir"]:
+            instance_dir = os.path.abspath(self.settings["instance_dir"])
+            inside = os.path.dirname(os.path.abspath(socket_path)) == instance_dir
+        self.instance = InstanceDir(self.settings["instance_dir"], traversable=inside)
         self.spool_dir = self.instance.spool
-        try:
-            self._tcp = listen_tcp(self.settings["address"], self.settings["port"])
-        except OSError as exc:
-            self.instance.remove()
-            where = f"{self.settings['address']}:{self.settings['port']}"
-            raise StartError(f"cannot listen on {where} (--port): {exc.strerror or exc}") from None
-        self._unix: socket.socket | None = None
-        if self.settings["socket"]:
+        if not self.plan.connector_only:
             try:
-                self._unix = listen_unix(self.settings["socket"])
+                self._tcp = listen_tcp(self.settings["address"], self.settings["port"])
             except OSError as exc:
-                self._tcp.close()
+                self.instance.remove()
+                where = f"{self.settings['address']}:{self.settings['port']}"
+                raise StartError(
+                    f"cannot listen on {where} (--port): {exc.strerror or exc}"
+                ) from None
+        self._unix: socket.socket | None = None
+        if socket_path:
+            try:
+                self._unix = listen_unix(socket_path)
+            except OSError as exc:
+                if self._tcp is not None:
+                    self._tcp.close()
                 self.instance.remove()
                 raise StartError(
                     f"cannot listen on {self.settings['socket']} (--socket): {exc.strerror or exc}"
@@ -147,6 +170,8 @@ class Core:
 
     @property
     def url(self) -> str:
+        if self._tcp is None:
+            return f"unix:{self.settings['socket']}"
         host = self.settings["address"]
         if ":" in host:
             host = f"[{host}]"
@@ -164,7 +189,8 @@ class Core:
         _become_subreaper()
         self.loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         self.loop.add_signal_handler(signal.SIGHUP, self._restart_all)
-        self.listeners.append(Listener(self, self._tcp, self.url))
+        if self._tcp is not None:
+            self.listeners.append(Listener(self, self._tcp, self.url))
         if self._unix is not None:
             self.listeners.append(Listener(self, self._unix, self.settings["socket"]))
         self.pool.changed = self._changed.set
@@ -205,6 +231,13 @@ class Core:
         instances.register(self.instance.path)
         if banner is not None:
             self._print_banner(banner)
+        if self.lifeline_fd is not None:
+            os.set_blocking(self.lifeline_fd, False)
+            self.loop.add_reader(self.lifeline_fd, self._on_lifeline)
+        for url in self.settings["pre_start"] or ():
+            task = self.loop.create_task(pre_start(url, self._stop_event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         log.info("appmanager %s ready at %s (pid %d)", __version__, self.url, os.getpid())
         await self._stop_event.wait()
         await self._shutdown()
@@ -320,6 +353,21 @@ class Core:
         log.info("stop requested over the control channel")
         self._stop_event.set()
 
+    def _on_lifeline(self) -> None:
+        assert self.lifeline_fd is not None and self._stop_event is not None
+        try:
+            data = os.read(self.lifeline_fd, 64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            return  # nothing is ever written; ignore
+        self.loop.remove_reader(self.lifeline_fd)
+        if not self._stop_event.is_set():
+            log.info("the web server that started the core has exited; stopping")
+            self._stop_event.set()
+
     def _on_stop_signal(self, sig: int) -> None:
         assert self._stop_event is not None
         if self._stop_event.is_set():
@@ -365,6 +413,8 @@ class Core:
                 pass
         for conn in list(self.connections):
             conn._close_now()
+        for task in self._tasks:
+            task.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.control is not None:

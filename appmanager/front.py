@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from appmanager import errors
+from appmanager.connector import ConnectorError, client_meta
 from appmanager.request import HttpError, RequestReader
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ RECV_SIZE = 65536
 # reading from the client.
 MAX_PIPELINE_BUFFER = 1024 * 1024
 LINGER = 2.0
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (SO_PEERCRED)
 
 
 class Connection:
@@ -44,6 +46,8 @@ class Connection:
         "sock",
         "fd",
         "meta",
+        "base_meta",
+        "connector",
         "ancillary",
         "buf",
         "reader",
@@ -63,11 +67,17 @@ class Connection:
         "_loop",
     )
 
-    def __init__(self, core: Core, sock: socket.socket, meta: bytes) -> None:
+    def __init__(
+        self, core: Core, sock: socket.socket, meta: bytes, connector: bool = False
+    ) -> None:
         self.core = core
         self.sock = sock
         self.fd = sock.fileno()
-        self.meta = meta
+        # The handoff's address fields for the current request: the socket's own, or a
+        # connector's ``!~Client`` for this request.
+        self.meta = self.base_meta = meta
+        # A connection on the connector socket from an allowed peer: its ``!~`` fields count.
+        self.connector = connector
         self.ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", self.fd))]
         self.buf = bytearray()
         self.reader: RequestReader | None = None
@@ -150,6 +160,8 @@ class Connection:
         whole connection went to a process that takes connections (Node)."""
         request = reader.request
         assert request is not None
+        if self.connector:
+            return self._route_connector(reader)
         group = self.core.pool.find_group(request)
         if group is None:
             reader.close()
@@ -171,6 +183,36 @@ class Connection:
             self.busy = True
             group.dispatch(self, data)
             return False
+        return True
+
+    def _route_connector(self, reader: RequestReader) -> bool:
+        """Route by the connector's ``!~App`` (docs/protocol/connector.md); a request on the
+        connector socket without it is routed like any other. Always one request at a time:
+        the web server's connection carries requests for every app."""
+        request = reader.request
+        assert request is not None
+        fields = request.connector or {}
+        client = fields.get(b"!~client")
+        self.meta = (client_meta(client) if client else None) or self.base_meta
+        app = fields.get(b"!~app")
+        if app is None:
+            group = self.core.pool.find_group(request)
+            reason = "no app is configured for this host and path"
+            status = 404
+        else:
+            try:
+                group = self.core.connector_apps.group_for(app)
+            except ConnectorError as exc:
+                group = None
+                reason = f"cannot serve this app: {exc}"
+                status = 500
+        if group is None:
+            reader.close()
+            self.reader = None
+            self.core.pool.log_access(self, request.head, status, None)
+            self.respond(errors.simple_response(status, reason), close=reader.has_body)
+            return False
+        self.group = group
         return True
 
     def give_away(self) -> None:
@@ -330,6 +372,9 @@ class Listener:
         self.sock = sock
         self.label = label
         self.unix = sock.family == socket.AF_UNIX
+        self.allowed_uids = {0, os.geteuid()}
+        if core.connector_uid is not None:
+            self.allowed_uids.add(core.connector_uid)
         if self.unix:
             self._server = b"127.0.0.1 0"
         else:
@@ -352,12 +397,32 @@ class Listener:
                 continue
             conn_sock.setblocking(False)
             if self.unix:
+                if not self._allowed(conn_sock):
+                    continue
                 peer = b"127.0.0.1 0"
             else:
                 conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 peer = f"{addr[0]} {addr[1]}".encode()
-            conn = Connection(self.core, conn_sock, peer + b" " + self._server + b" http")
+            meta = peer + b" " + self._server + b" http"
+            conn = Connection(self.core, conn_sock, meta, connector=self.unix)
             self.core.connections.add(conn)
+
+    def _allowed(self, conn_sock: socket.socket) -> bool:
+        """Is the peer the core's user, root or the connector user? Others are closed at once
+        (the socket file is world-writable so that a web server's workers can connect)."""
+        creds = conn_sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        pid, uid, _gid = _UCRED.unpack(creds)
+        if uid in self.allowed_uids:
+            return True
+        log.warning(
+            "refused a connection on %s from uid %d (pid %d): only the core's user, root and "
+            "--connector-user may connect",
+            self.label,
+            uid,
+            pid,
+        )
+        conn_sock.close()
+        return False
 
     def close(self) -> None:
         """Stop listening. Connections the kernel already completed are taken first: their
@@ -404,6 +469,8 @@ def listen_unix(path: str, backlog: int = 1024) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
+        # Anyone may connect; the listener serves only allowed peers (Listener._allowed).
+        os.chmod(path, 0o666)
         sock.listen(backlog)
     except OSError:
         sock.close()

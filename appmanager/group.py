@@ -80,6 +80,9 @@ class Group:
         self.next_spawn_at = 0.0
         self._retry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Replaced by a Group with new settings (connector.py): it takes no new requests, its
+        # processes finish theirs and stop, and it leaves the pool once they have exited.
+        self.retired = False
 
     def matches(self, host: bytes, path: bytes) -> bool:
         """Does a request for ``host`` (lowercase, no port) and ``path`` belong to this app?"""
@@ -235,7 +238,7 @@ class Group:
 
     def ensure_min_instances(self) -> None:
         """Start processes until ``min_instances`` are running or starting."""
-        if self.pool.stopping or time.monotonic() < self.next_spawn_at:
+        if self.pool.stopping or self.retired or time.monotonic() < self.next_spawn_at:
             return
         while self.serving_count() < self.settings["min_instances"] and self._has_room():
             self._spawn()
@@ -243,7 +246,7 @@ class Group:
     def _grow(self) -> None:
         """Every process is busy: start more if the limits allow. Several spawns may run at once,
         up to one per waiting request, so that a burst is not served one spawn at a time."""
-        if self.pool.stopping or time.monotonic() < self.next_spawn_at:
+        if self.pool.stopping or self.retired or time.monotonic() < self.next_spawn_at:
             return
         wanted = max(1, len(self.wait_list))
         while self.spawning < wanted:
@@ -292,7 +295,7 @@ class Group:
 
     def _add_ready(self, proc: Process) -> None:
         """A spawned process answered READY: take it into the group and give it work."""
-        if self.pool.stopping:
+        if self.pool.stopping or self.retired:
             proc.start_serving()
             self.processes.append(proc)
             proc.stop()
@@ -405,6 +408,10 @@ class Group:
                 self._answer_boot_error(conn)
         self.pool.emit("spawn_failed", app=self.name, step=error.step, message=error.message)
         self.pool.on_spawn_failed(self)
+        if self.retired:
+            if self.live_count() == 0:
+                self.pool.remove_group(self)
+            return
         if not self.pool.stopping and self._retry is None:
             self._retry = asyncio.get_running_loop().call_later(delay, self._retry_spawn)
 
@@ -428,7 +435,9 @@ class Group:
         if proc in self.processes:
             self.processes.remove(proc)
         self.pool.on_process_exited(self)
-        if self.pool.stopping:
+        if self.retired and self.live_count() == 0:
+            self.pool.remove_group(self)
+        if self.pool.stopping or self.retired:
             return
         self.ensure_min_instances()
         if self.wait_list:
@@ -445,6 +454,20 @@ class Group:
             self.preloader.stop("the core is stopping")
         for proc in list(self.processes):
             proc.stop()
+
+    def retire(self, successor: Group) -> None:
+        """New settings for this app: ``successor`` takes the waiting requests and every new
+        one; this group's processes finish their requests and stop."""
+        self.retired = True
+        waiting = list(self.wait_list)
+        self.wait_list.clear()
+        for conn, request in waiting:
+            conn.waiting = None
+            conn.group = successor
+            successor.dispatch(conn, request)
+        self.stop()
+        if self.live_count() == 0:
+            self.pool.remove_group(self)
 
     def busy(self) -> bool:
         """Are requests waiting or in flight? (Connections a Node process holds between requests

@@ -26,6 +26,9 @@ class Pool:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.max_pool_size: int = settings["max_pool_size"]
         self.groups: list[Group] = []
+        # The groups requests without connector fields are routed among (find_group): those
+        # the core was started with, not those connectors added.
+        self._routable: list[Group] = []
         self._single: Group | None = None
         self.stopping = False
         # Called whenever processes become ready, fail to start or exit; the core waits on it.
@@ -35,12 +38,21 @@ class Pool:
         # Publishes an event (control protocol); the core connects it to its control server.
         self.emit: Callable[..., None] = lambda event, **fields: None
 
-    def add_group(self, group: Group) -> None:
+    def add_group(self, group: Group, routable: bool = True) -> None:
         self.groups.append(group)
+        if not routable:
+            return
+        self._routable.append(group)
         # One app with neither server names nor a base URI takes every request, unrouted.
-        only = self.groups[0]
-        simple = len(self.groups) == 1 and not only.host_names and not only.base_uri
+        only = self._routable[0]
+        simple = len(self._routable) == 1 and not only.host_names and not only.base_uri
         self._single = only if simple else None
+
+    def remove_group(self, group: Group) -> None:
+        """Forget a retired group whose processes have all exited."""
+        if group in self.groups:
+            self.groups.remove(group)
+        self.changed()
 
     def find_group(self, request: Request) -> Group | None:
         """The app a request is for: the most specific match of Host (server_names) and path
@@ -54,7 +66,7 @@ class Pool:
             slash = path.find(b"/", path.find(b"//") + 2)
             path = path[slash:] if slash >= 0 else b"/"
         best: Group | None = None
-        for group in self.groups:
+        for group in self._routable:
             if not group.matches(host, path):
                 continue
             if best is None or (bool(group.host_names), len(group.base_uri)) > (

@@ -3,27 +3,36 @@
 See "Node" in ``docs/protocol/handoff.md``: the core hands over a connection with the bytes it
 already read; the process reads and writes it from then on and reports when it closes. Balancing is
 per connection, as in Node's cluster module.
+
+A connector's connection carries requests for every app, so it cannot be handed over: for those
+requests the process gets a connection of the core's own (one end of a socketpair) for one
+request, and the core relays the response (``relay.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import json
 import logging
 import os
 import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
+import httptools
+
+from appmanager import errors
 from appmanager.process import Process
+from appmanager.relay import ResponseState, relay_response, send_request
 from appmanager.session import Session
 
 if TYPE_CHECKING:
-    import asyncio
-
     from appmanager.front import Connection
     from appmanager.group import Group
     from appmanager.output import OutputCapture
+    from appmanager.request import Request
 
 log = logging.getLogger("appmanager")
 
@@ -44,11 +53,16 @@ class NodeProcess(Process):
     ) -> None:
         super().__init__(group, pid, ctl, progress_fd, pidfd, output, concurrency=0)
         self._in = bytearray()
-        self._queue: collections.deque[tuple[bytes, list[Any]]] = collections.deque()
+        self._queue: collections.deque[tuple[bytes, list[Any], socket.socket | None]] = (
+            collections.deque()
+        )
         self._writing = False
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._slots: dict[int, int] = {}  # seq -> slot
+        # Requests relayed over a socketpair (connectors), by seq, until the shim reports
+        # the socketpair closed.
+        self._relays: dict[int, _Relay] = {}
 
     # -- the channel ---------------------------------------------------------------------------
 
@@ -121,8 +135,8 @@ class NodeProcess(Process):
         when SPAWN asked for it, ``access_log``); the line goes to the access log."""
         seq = message.get("seq")
         session = self.sessions.get(seq) if isinstance(seq, int) else None
-        if session is None:
-            return
+        if session is None or seq in self._relays:
+            return  # relayed requests are logged by the core, which saw them
         status = message.get("status")
         size = message.get("bytes")
         self.group.pool.log_access_line(
@@ -141,6 +155,83 @@ class NodeProcess(Process):
         self.seq += 1
         seq = self.seq
         slot = self._take_slot()
+        line = self._conn_message(conn, seq, slot, data)
+        try:
+            self._send(line, conn.ancillary)
+        except OSError as exc:
+            log.warning("process %d: handoff failed: %s", self.pid, exc)
+            self._free_slots.append(slot)
+            self._lost_channel()
+            return False
+        self._slots[seq] = slot
+        self.sessions[seq] = Session(seq, conn, self)
+        conn.give_away()
+        return True
+
+    def handoff(self, conn: Connection, request: Request, keep_alive: bool) -> bool:
+        """One request of a connector's connection: relayed over a socketpair (module
+        docstring)."""
+        self.seq += 1
+        seq = self.seq
+        slot = self._take_slot()
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))]
+        try:
+            self._send(self._conn_message(conn, seq, slot, b""), ancillary, keep=theirs)
+        except OSError as exc:
+            log.warning("process %d: handoff failed: %s", self.pid, exc)
+            ours.close()
+            theirs.close()
+            self._free_slots.append(slot)
+            self._lost_channel()
+            return False
+        self._slots[seq] = slot
+        session = Session(seq, conn, self, request.head)
+        self.sessions[seq] = session
+        relay = _Relay()
+        relay.task = self._loop.create_task(self._relay(session, request, keep_alive, ours, relay))
+        self._relays[seq] = relay
+        return True
+
+    async def _relay(
+        self,
+        session: Session,
+        request: Request,
+        keep_alive: bool,
+        ours: socket.socket,
+        relay: _Relay,
+    ) -> None:
+        conn = session.conn
+        parser = httptools.HttpResponseParser(relay.state)
+        relayed = keep = False
+        try:
+            await send_request(self._loop, ours, conn, request)
+            relayed, keep, _ = await relay_response(
+                self._loop, ours, conn, request, relay.state, parser
+            )
+        except OSError as exc:
+            log.warning("process %d: relaying a request failed: %s", self.pid, exc)
+        finally:
+            request.discard()
+            ours.close()
+        if self.sessions.pop(session.seq, None) is None:
+            return  # the process died meanwhile: _answer_lost answered
+        if relayed:
+            self.processed += 1
+            status = parser.get_status_code() if relay.state.headers_done else None
+            self.group.on_session_done(
+                self, session, keep and keep_alive, status, relay.state.body_bytes
+            )
+        else:
+            conn.respond(errors.simple_response(502, "the app did not answer"), close=True)
+            self.group.pool.log_access(conn, request.head, 502, None)
+            self.group.serve_waiting(self)
+        if self.state.name == "STOPPING" and not self.sessions:
+            self._close_channel()
+
+    def _conn_message(self, conn: Connection, seq: int, slot: int, data: bytes) -> bytes:
+        """An APPMANAGER_CONN line: a connection, with the bytes already read from it."""
         remote_addr, remote_port, server_addr, server_port, scheme = conn.meta.decode().split()
         message = {
             "cmd": "NODE_HANDLE",
@@ -158,45 +249,42 @@ class NodeProcess(Process):
             },
             "key": None,
         }
-        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
-        try:
-            self._send(line, conn)
-        except OSError as exc:
-            log.warning("process %d: handoff failed: %s", self.pid, exc)
-            self._free_slots.append(slot)
-            self._lost_channel()
-            return False
-        self._slots[seq] = slot
-        self.sessions[seq] = Session(seq, conn, self)
-        conn.give_away()
-        return True
+        return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
-    def _send(self, line: bytes, conn: Connection) -> None:
-        """Send ``line`` with the connection's descriptor. A stream socket may take only part of
-        a line; the descriptor travels with its first byte, so lines queue whole behind it."""
+    def _send(self, line: bytes, ancillary: list[Any], keep: socket.socket | None = None) -> None:
+        """Send ``line`` with a descriptor. A stream socket may take only part of a line; the
+        descriptor travels with its first byte, so lines queue whole behind it. ``keep``, a
+        socket of the core's own that the descriptor belongs to, is closed once it is sent."""
         if not self._queue:
-            sent = self.ctl.sendmsg([line], conn.ancillary)
+            sent = self.ctl.sendmsg([line], ancillary)
+            if keep is not None:
+                keep.close()
             if sent == len(line):
                 return
-            self._queue.append((line[sent:], []))
+            self._queue.append((line[sent:], [], None))
         else:
-            self._queue.append((line, conn.ancillary))
+            self._queue.append((line, ancillary, keep))
         if not self._writing:
             self._writing = True
             self._loop.add_writer(self.ctl.fileno(), self._flush)
 
     def _flush(self) -> None:
         while self._queue:
-            data, ancillary = self._queue[0]
+            data, ancillary, keep = self._queue[0]
             try:
                 sent = self.ctl.sendmsg([data], ancillary)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
+                for _data, _ancillary, owned in self._queue:
+                    if owned is not None:
+                        owned.close()
                 self._queue.clear()
                 break
+            if keep is not None:
+                keep.close()
             if sent < len(data):
-                self._queue[0] = (data[sent:], [])
+                self._queue[0] = (data[sent:], [], None)
                 return
             self._queue.popleft()
         self._writing = False
@@ -210,10 +298,12 @@ class NodeProcess(Process):
         return slot
 
     def _connection_closed(self, seq: int) -> None:
-        session = self.sessions.pop(seq, None)
         slot = self._slots.pop(seq, None)
         if slot is not None:
             self._free_slots.append(slot)
+        if self._relays.pop(seq, None) is not None:
+            return  # a relayed request: its relay task finished the session
+        session = self.sessions.pop(seq, None)
         if session is None:
             return
         self.processed += 1
@@ -225,6 +315,14 @@ class NodeProcess(Process):
         """A connection whose request had arrived but whose response had not begun gets 502;
         the others are closed."""
         for session in sessions:
+            relay = self._relays.pop(session.seq, None)
+            if relay is not None:
+                relay.task.cancel()
+                started = relay.state.headers_done
+                session.conn.on_process_lost(response_started=started, status=502)
+                if not started:
+                    self.group.pool.log_access(session.conn, session.head, 502, 0)
+                continue
             slot = self._slots.pop(session.seq, None)
             state = b""
             if slot is not None:
@@ -240,6 +338,16 @@ class NodeProcess(Process):
         super().stop()
         if self.sessions:
             self._close_channel()
+
+
+class _Relay:
+    """A request relayed over a socketpair: its task and what its response looked like."""
+
+    __slots__ = ("task", "state")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None]
+        self.state = ResponseState()
 
 
 def _text(value: object) -> str | None:

@@ -2,15 +2,14 @@
 
 This is the fallback data path, for programs that cannot take a descriptor: the core sends each
 request to the app's port over a pooled keep-alive connection and relays the response bytes back,
-unchanged, to the client. It copies bytes, so it is slower than the handoff; it is kept correct and
-lean rather than fast.
+unchanged, to the client (``relay.py``). It copies bytes, so it is slower than the handoff; it is
+kept correct and lean rather than fast.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ import httptools
 
 from appmanager import errors
 from appmanager.process import Process
+from appmanager.relay import ResponseState, relay_response, send_request
 from appmanager.session import Session
 from appmanager.states import ProcessState, transition
 
@@ -30,38 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("appmanager")
 
-# Request headers the core sets itself on the way to the app.
-_DROP = frozenset(
-    (b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"expect", b"te")
-)
-_FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto"))
 MAX_IDLE = 16
 STOP_GRACE = 10.0
-
-
-class _ResponseState:
-    """What httptools reports about the app's response."""
-
-    __slots__ = ("headers_done", "complete", "connection", "body_bytes")
-
-    def __init__(self) -> None:
-        self.headers_done = False
-        self.complete = False
-        self.connection = b""
-        self.body_bytes = 0
-
-    def on_body(self, body: bytes) -> None:
-        self.body_bytes += len(body)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"connection":
-            self.connection += b"," + value.lower()
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
-
-    def on_message_complete(self) -> None:
-        self.complete = True
 
 
 class ProxyProcess(Process):
@@ -126,12 +96,14 @@ class ProxyProcess(Process):
         relayed = False
         keep = False
         upstream: socket.socket | None = None
-        state = _ResponseState()
+        state = ResponseState()
         parser = httptools.HttpResponseParser(state)
         try:
             upstream = await self._upstream()
-            await self._send_request(upstream, conn, request)
-            relayed, keep, upstream_keep = await self._relay(upstream, conn, request, state, parser)
+            await send_request(self._loop, upstream, conn, request)
+            relayed, keep, upstream_keep = await relay_response(
+                self._loop, upstream, conn, request, state, parser
+            )
             keep = keep and keep_alive
             if upstream_keep and len(self._idle) < MAX_IDLE and self.state is ProcessState.READY:
                 self._idle.append(upstream)
@@ -177,84 +149,3 @@ class ProxyProcess(Process):
             sock.close()
             raise
         return sock
-
-    async def _send_request(
-        self, upstream: socket.socket, conn: Connection, request: Request
-    ) -> None:
-        lines = request.head.split(b"\r\n")
-        out = [lines[0]]
-        for line in lines[1:]:
-            if not line:
-                continue
-            name = line.split(b":", 1)[0].strip().lower()
-            if name not in _DROP and name not in _FORWARDED:
-                out.append(line)
-        remote = conn.meta.split(b" ", 1)[0]
-        out.append(b"X-Forwarded-For: " + remote)
-        out.append(b"X-Forwarded-Proto: http")
-        if request.body_len or request.method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
-            out.append(b"Content-Length: %d" % request.body_len)
-        out.append(b"Connection: keep-alive")
-        head = b"\r\n".join(out) + b"\r\n\r\n"
-        if request.body_file is None:
-            await self._loop.sock_sendall(upstream, head + request.body)
-            return
-        await self._loop.sock_sendall(upstream, head)
-        fd = request.body_file.fileno()
-        offset = 0
-        while offset < request.body_len:
-            chunk = os.pread(fd, 256 * 1024, offset)
-            if not chunk:
-                break
-            await self._loop.sock_sendall(upstream, chunk)
-            offset += len(chunk)
-
-    async def _relay(
-        self,
-        upstream: socket.socket,
-        conn: Connection,
-        request: Request,
-        state: _ResponseState,
-        parser: httptools.HttpResponseParser,
-    ) -> tuple[bool, bool, bool]:
-        """Copy the app's response to the client. Returns (anything relayed, the client
-        connection may stay open, the upstream connection may be reused)."""
-        head_only = request.method == b"HEAD"
-        relayed = False
-        head_buf = b""
-        while True:
-            data = await self._loop.sock_recv(upstream, 65536)
-            if not data:
-                # Close-delimited response, or the app died.
-                if state.headers_done:
-                    return True, False, False
-                if relayed:
-                    return True, False, False
-                raise ConnectionError("the app closed the connection without answering")
-            if head_only and not state.headers_done:
-                head_buf += data
-                end = head_buf.find(b"\r\n\r\n")
-                if end >= 0:
-                    await self._loop.sock_sendall(conn.sock, head_buf[: end + 4])
-                    try:
-                        parser.feed_data(head_buf[: end + 4])
-                    except httptools.HttpParserError:
-                        pass
-                    return True, request.keep_alive, False
-                continue
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserError as exc:
-                raise ConnectionError(f"malformed response from the app: {exc}") from None
-            await self._loop.sock_sendall(conn.sock, data)
-            relayed = True
-            if state.complete:
-                # The response ended before EOF, so it was length-delimited; the app's Connection
-                # header decides (RFC 9112 9.3; httptools' should_keep_alive() is not reliable
-                # once a message is complete).
-                tokens = {t.strip() for t in state.connection.split(b",")}
-                if parser.get_http_version() == "1.1":
-                    keep = b"close" not in tokens
-                else:
-                    keep = b"keep-alive" in tokens
-                return True, keep and request.keep_alive, keep

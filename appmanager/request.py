@@ -49,6 +49,7 @@ class Request:
         "body",
         "body_file",
         "body_len",
+        "connector",
     )
 
     def __init__(
@@ -71,6 +72,9 @@ class Request:
         self.body = b""
         self.body_file: IO[bytes] | None = None
         self.body_len = 0
+        # The connector fields (``!~`` headers, docs/protocol/connector.md) by lowercase name,
+        # already removed from ``head``; None when the request had none.
+        self.connector: dict[bytes, bytes] | None = None
 
     def discard(self) -> None:
         """Release the body file, if any (the process has its own descriptor by then)."""
@@ -89,6 +93,7 @@ class _HeadCallbacks:
         "expect",
         "host",
         "connection",
+        "connector",
         "done",
     )
 
@@ -99,6 +104,7 @@ class _HeadCallbacks:
         self.expect: bytes | None = None
         self.host = b""
         self.connection = b""
+        self.connector: dict[bytes, bytes] | None = None
         self.done = False
 
     def on_url(self, url: bytes) -> None:
@@ -116,6 +122,10 @@ class _HeadCallbacks:
             self.expect = value
         elif lname == b"connection":
             self.connection += b"," + value.lower()
+        elif lname[:2] == b"!~":
+            if self.connector is None:
+                self.connector = {}
+            self.connector[lname] = value
 
     def on_headers_complete(self) -> None:
         self.done = True
@@ -243,9 +253,14 @@ class RequestReader:
         else:
             tokens = {t.strip() for t in callbacks.connection.split(b",")}
             keep_alive = b"close" not in tokens if http11 else b"keep-alive" in tokens
+        if callbacks.connector is not None:
+            # Connector fields never reach an app: they are taken out of the head here, on every
+            # listener, and only the connector socket's connections read them (front.py).
+            head = _without_connector_fields(head)
         self.request = Request(
             head, parser.get_method(), callbacks.url, callbacks.host, keep_alive, http11, upgrade
         )
+        self.request.connector = callbacks.connector
         if callbacks.transfer_encoding:
             self._chunked = True
         elif callbacks.content_length:
@@ -320,6 +335,11 @@ class RequestReader:
             self._file.write(self._mem)
             self._mem = bytearray()
         self._file.write(data)
+
+
+def _without_connector_fields(head: bytes) -> bytes:
+    lines = head.split(b"\r\n")
+    return b"\r\n".join(line for line in lines if not line.startswith(b"!~"))
 
 
 def _content_length(values: list[bytes]) -> int:
