@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from appmanager import __version__, settings
+from appmanager.apache import apache_config, apache_module
 
 
 def _fail(message: str) -> None:
@@ -339,3 +340,5 @@ class _ClosingWriter:
 
 
 # Commands of the web-server connectors register below, one line each.
+main.add_command(apache_module)
+main.add_command(apache_config)

@@ -87,6 +87,10 @@ def application(environ, start_response):
         BALLAST.append(bytearray(int(environ.get("QUERY_STRING") or "50") * 1024 * 1024))
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [str(os.getpid()).encode()]
+    if path == "/app/env":
+        # One variable of the process environment (env_var settings reach it).
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [os.environ.get(environ.get("QUERY_STRING", ""), "(unset)").encode()]
     if path == "/app/pid":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [str(os.getpid()).encode()]
