@@ -26,6 +26,13 @@ def _default(setting: Setting) -> str:
     return str(setting.default)
 
 
+_ROLE_TEXT = {
+    "app": "http, server or location; sent to the core with each request",
+    "core": "http level; passed to the core the module starts",
+    "module": "acted on by the module itself",
+}
+
+
 def render() -> str:
     """The whole text of docs/settings.md."""
     lines = [
@@ -35,13 +42,16 @@ def render() -> str:
         " do not edit. -->",
         "",
         "Every setting is declared once, in `appmanager/settings.py`. A bad value is rejected when",
-        "appmanager starts, with the option's name and the reason.",
+        "appmanager starts, with the option's name and the reason. Settings with an nginx or",
+        "Apache directive list its names: each also has its Passenger name (`passenger_...`,",
+        "`Passenger...`), so that a Passenger configuration works unchanged; a bad value fails",
+        "`nginx -t` or `apache2 -t` naming the directive.",
         "",
         "| setting | option | type | default | scope |",
         "| --- | --- | --- | --- | --- |",
     ]
     for s in SETTINGS:
-        option = f"`{s.option}`" + (f", `{s.short}`" if s.short else "")
+        option = f"`{s.option}`" + (f", `{s.short}`" if s.short else "") if s.cli else "-"
         kind = s.type + (f" ({' / '.join(s.choices)})" if s.choices else "")
         lines.append(
             f"| [{s.name}](#{s.name}) | {option} | {kind} | `{_default(s)}` | {s.scope.value} |"
@@ -49,11 +59,22 @@ def render() -> str:
     lines.append("")
     for s in SETTINGS:
         lines += [f"## {s.name}", "", s.doc, ""]
-        lines.append(f"- option: `{s.option}`" + (f" (`{s.short}`)" if s.short else ""))
+        if s.cli:
+            lines.append(f"- option: `{s.option}`" + (f" (`{s.short}`)" if s.short else ""))
+        else:
+            lines.append(
+                "- option: none (" + ("config files" if s.file else "connectors") + " only)"
+            )
         lines.append(f"- default: `{_default(s)}`")
         if s.choices:
             lines.append(f"- one of: {', '.join(f'`{c}`' for c in s.choices)}")
         lines.append(f"- scope: {s.scope.value}")
+        role = s.connector_role
+        if role != "none":
+            nginx = ", ".join(f"`{n}`" for n in connectorgen.nginx_names(s))
+            apache = ", ".join(f"`{n}`" for n in connectorgen.apache_names(s))
+            lines.append(f"- nginx: {nginx} ({_ROLE_TEXT[role]})")
+            lines.append(f"- Apache: {apache}")
         lines.append("")
     return "\n".join(lines)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appmanager import docgen, settings
+from appmanager import connectorgen, docgen, settings
 
 
 def test_defaults_match_the_documented_ones() -> None:
@@ -52,3 +52,19 @@ def test_every_setting_is_documented_and_unique() -> None:
 def test_generated_settings_doc_is_current() -> None:
     committed = docgen.DOC_PATH.read_text()
     assert committed == docgen.render(), "run `python -m appmanager.docgen` and commit the result"
+
+
+def test_connector_directive_table_is_generated_from_the_registry() -> None:
+    committed = connectorgen.DEF_PATH.read_text()
+    assert committed == connectorgen.render(), "run `python -m appmanager.docgen` and commit it"
+
+
+def test_every_app_setting_has_nginx_and_apache_directives_with_passenger_aliases() -> None:
+    table = connectorgen.render()
+    for setting in settings.SETTINGS:
+        if setting.scope is not settings.Scope.APP or setting.connector_role == "none":
+            continue
+        for name in connectorgen.nginx_names(setting) + connectorgen.apache_names(setting):
+            assert f'"{name}"' in table
+    assert '"passenger_app_env"' in table and '"PassengerAppEnv"' in table
+    assert '"PassengerBaseURI"' in table
