@@ -87,9 +87,9 @@ BENCHMARK = Benchmark(
         "uvicorn: `python -m uvicorn --host 127.0.0.1 --port P --workers 2 --no-access-log "
         "app:app` in the app dir. Its default loop and HTTP parser (`auto`) are uvloop and "
         "httptools when they are installed, as they are here (appmanager depends on both: its "
-        "core runs on uvloop and parses requests with httptools, while its ASGI app processes "
-        "run asyncio's own loop). uvicorn's access log is off, as appmanager logs no request "
-        "either.",
+        "core runs on uvloop and parses requests with httptools, and its ASGI app processes run "
+        "on uvloop too when the app's Python has it, as here). uvicorn's access log is off, as "
+        "appmanager logs no request either.",
         "Both peers run the app with the same Python (`--python`).",
         "New TCP connections per request: the machine's count of opened TCP connections "
         "(ActiveOpens in /proc/net/snmp) over the measured run, divided by the requests; about 0 "
