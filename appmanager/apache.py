@@ -63,9 +63,10 @@ def default_core_command() -> str:
 
 def find_apxs() -> str:
     """The ``apxs`` tool, or ApacheError naming the package that provides it."""
-    for candidate in (shutil.which("apxs"), shutil.which("apxs2"), "/usr/bin/apxs"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
+    for name in ("apxs", "apxs2"):
+        found = shutil.which(name)
+        if found:
+            return found
     raise ApacheError(
         "apxs not found: building the Apache module needs Apache's development files "
         "(Debian and Ubuntu: apt-get install apache2-dev)"

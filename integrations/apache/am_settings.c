@@ -397,8 +397,15 @@ const char *am_cmd_setting(cmd_parms *cmd, void *dir_conf, const char *args)
             conf = sconf->settings;
         }
     }
-    while (*(word = ap_getword_conf(cmd->pool, &args))) {
-        APR_ARRAY_PUSH(words, char *) = word;
+    for (;;) {
+        /* Not until an empty word: `""` is an argument, and an empty one. */
+        while (apr_isspace(*args)) {
+            args++;
+        }
+        if (!*args) {
+            break;
+        }
+        APR_ARRAY_PUSH(words, char *) = ap_getword_conf(cmd->pool, &args);
     }
     if ((s->kind == AM_ENV && words->nelts != 2) || (s->kind == AM_LIST && words->nelts < 1)
         || (s->kind != AM_ENV && s->kind != AM_LIST && words->nelts != 1)) {

@@ -1,0 +1,353 @@
+"""A real Apache with mod_appmanager, for the connector tests.
+
+Each server is self-contained: its own ServerRoot, pid file, error log and locks in a fresh
+directory, Apache's modules loaded from /usr/lib/apache2/modules, a free port on loopback, run in
+the foreground (``apache2 -DFOREGROUND -f CONF``). As root, Apache's children run as www-data
+(or nobody), so the directories they read (run directory, document roots) are world-traversable
+temporary directories rather than pytest's private ones. Stopping a server waits until the core
+it started, and the core's apps, have exited.
+"""
+
+from __future__ import annotations
+
+import functools
+import grp
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from conftest import APPS, Response, free_port, request
+
+MODULES_DIR = Path("/usr/lib/apache2/modules")
+BASE_MODULES = (
+    ("mpm_event_module", "mod_mpm_event.so"),
+    ("authz_core_module", "mod_authz_core.so"),
+    ("mime_module", "mod_mime.so"),
+    ("dir_module", "mod_dir.so"),
+    ("alias_module", "mod_alias.so"),
+    ("env_module", "mod_env.so"),
+    ("proxy_module", "mod_proxy.so"),
+    ("proxy_http_module", "mod_proxy_http.so"),
+)
+READY = "resuming normal operations"
+
+
+def missing() -> str | None:
+    """Why Apache tests cannot run here, or None."""
+    if shutil.which("apache2") is None:
+        return "apache2 is not installed"
+    if shutil.which("apxs") is None:
+        return "apxs is not installed (apache2-dev)"
+    return None
+
+
+@functools.cache
+def module_path() -> Path:
+    """mod_appmanager.so, built once per test session (and cached across sessions)."""
+    from appmanager.apache import build_module
+
+    return build_module()
+
+
+def worker_user() -> tuple[str, str] | None:
+    """The user and group Apache's children run as when the tests run as root."""
+    if os.geteuid() != 0:
+        return None
+    for user in ("www-data", "nobody"):
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            continue
+        return user, grp.getgrgid(entry.pw_gid).gr_name
+    raise AssertionError("neither www-data nor nobody exists")
+
+
+def public_dir(prefix: str) -> Path:
+    """A temporary directory every user may traverse and read (pytest's are private)."""
+    path = Path(tempfile.mkdtemp(prefix=f"appmanager-{prefix}-", dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def copy_app(name: str, parent: Path, static: dict[str, str] | None = None) -> Path:
+    """A copy of tests/apps/NAME under ``parent`` with a public/ directory holding ``static``
+    files, readable by Apache's children. node_modules is linked, not copied."""
+    source = APPS / name
+    dest = parent / name
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("node_modules", "__pycache__"))
+    if (source / "node_modules").is_dir():
+        (dest / "node_modules").symlink_to(source / "node_modules")
+    public = dest / "public"
+    public.mkdir(exist_ok=True)
+    for rel, text in (static or {}).items():
+        (public / rel).parent.mkdir(parents=True, exist_ok=True)
+        (public / rel).write_text(text)
+    for root, dirs, files in os.walk(dest):
+        for entry in dirs + files:
+            path = os.path.join(root, entry)
+            if not os.path.islink(path):
+                os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
+    dest.chmod(0o755)
+    return dest
+
+
+@dataclass
+class ApacheServer:
+    """One Apache under test, and the core its module started (none with a core socket)."""
+
+    run_dir: Path
+    conf_path: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    core_pids: set[int] = field(default_factory=set)
+
+    @property
+    def error_log_path(self) -> Path:
+        return self.run_dir / "error.log"
+
+    def error_log(self) -> str:
+        try:
+            return self.error_log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def get(self, path: str = "/", host: str = "localhost", headers: str = "") -> Response:
+        raw = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
+        return request(self.port, raw.encode(), timeout=60)
+
+    def request(self, raw: bytes) -> Response:
+        return request(self.port, raw, timeout=60)
+
+    def core(self) -> psutil.Process | None:
+        """The core started by this Apache's module."""
+        if self.proc is None:
+            return None
+        try:
+            children = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return None
+        for child in children:
+            try:
+                cmdline = child.cmdline()
+            except psutil.Error:
+                continue
+            if "core" in cmdline and "--lifeline-fd" in cmdline:
+                return child
+        return None
+
+    def start(self, timeout: float = 60.0) -> None:
+        with open(self.run_dir / "stderr.log", "wb") as stderr:
+            self.proc = subprocess.Popen(
+                ["apache2", "-DFOREGROUND", "-f", str(self.conf_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        self._wait_ready(1, timeout)
+        core = self.core()
+        if core is not None:
+            self.core_pids.add(core.pid)
+
+    def _wait_ready(self, times: int, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.error_log().count(READY) >= times:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"Apache did not start:\n{self.logs()}")
+
+    def logs(self) -> str:
+        stderr = self.run_dir / "stderr.log"
+        text = stderr.read_text(errors="replace") if stderr.exists() else ""
+        return f"--- error log ---\n{self.error_log()[-6000:]}\n--- stderr ---\n{text[-2000:]}"
+
+    def graceful(self, conf: str | None = None, timeout: float = 30.0) -> None:
+        """Reload with ``conf`` (apache2 -k graceful); returns when the new configuration runs."""
+        if conf is not None:
+            self.conf_path.write_text(conf)
+        before = self.error_log().count(READY)
+        result = subprocess.run(
+            ["apache2", "-k", "graceful", "-f", str(self.conf_path)],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        self._wait_ready(before + 1, timeout)
+        core = self.core()
+        if core is not None:
+            self.core_pids.add(core.pid)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop Apache, then wait until its core and the core's apps have exited."""
+        if self.proc is None:
+            return
+        core = self.core()
+        watched: list[psutil.Process] = []
+        if core is not None:
+            self.core_pids.add(core.pid)
+            watched = [core, *_descendants(core)]
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"Apache did not stop:\n{self.logs()}") from None
+        _, alive = psutil.wait_procs(watched, timeout=timeout)
+        alive = [p for p in alive if _running(p)]
+        if alive:
+            for p in alive:
+                p.kill()
+            raise AssertionError(f"left running after Apache stopped: {alive}\n{self.logs()}")
+        for pid in self.core_pids:
+            _reap(pid)
+
+
+def _descendants(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _reap(pid: int) -> None:
+    """A core outlives Apache by a moment and is then re-parented to the test runner (a
+    subreaper): collect its exit status."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+class ApacheFactory:
+    """Writes configurations and starts Apaches; everything is stopped and removed at close."""
+
+    def __init__(self) -> None:
+        self.servers: list[ApacheServer] = []
+        self.dirs: list[Path] = []
+
+    def site(self) -> Path:
+        """A world-readable directory for apps and document roots; removed at close."""
+        path = public_dir("site")
+        self.dirs.append(path)
+        return path
+
+    def config(
+        self, body: str, *, run_dir: Path, port: int, top: str = "", instance_dir: bool = True
+    ) -> str:
+        """A whole Apache configuration: the self-contained base, ``top`` (server-level
+        directives), then ``body`` (virtual hosts)."""
+        user = worker_user()
+        lines = [
+            f'ServerRoot "{run_dir}"',
+            f'PidFile "{run_dir}/httpd.pid"',
+            f'DefaultRuntimeDir "{run_dir}"',
+            f'Mutex "file:{run_dir}" default',
+            f'ErrorLog "{run_dir}/error.log"',
+            "LogLevel warn appmanager:info mpm_event:notice",
+            f"Listen 127.0.0.1:{port}",
+            "ServerName localhost",
+            "StartServers 1",
+            "ServerLimit 2",
+            "ThreadsPerChild 8",
+            "MaxRequestWorkers 16",
+            "MinSpareThreads 1",
+            "MaxSpareThreads 16",
+            "GracefulShutdownTimeout 10",
+        ]
+        if user is not None:
+            lines += [f"User {user[0]}", f"Group {user[1]}"]
+        lines += [f'LoadModule {name} "{MODULES_DIR / so}"' for name, so in BASE_MODULES]
+        lines += [
+            f'LoadModule appmanager_module "{module_path()}"',
+            "TypesConfig /etc/mime.types",
+        ]
+        if instance_dir:
+            lines.append(f'AppManagerInstanceDir "{run_dir}/instance"')
+        if os.geteuid() == 0:
+            # Apps run as the core's user (root): see tests/conftest.py.
+            lines.append("AppManagerUserSwitching off")
+        return "\n".join(lines) + "\n" + top + "\n" + body + "\n"
+
+    def make(self, body: str, *, top: str = "", instance_dir: bool = True) -> ApacheServer:
+        """An Apache with this configuration, not started yet."""
+        run_dir = public_dir("apache")
+        self.dirs.append(run_dir)
+        port = free_port()
+        conf = run_dir / "httpd.conf"
+        conf.write_text(
+            self.config(body, run_dir=run_dir, port=port, top=top, instance_dir=instance_dir)
+        )
+        server = ApacheServer(run_dir, conf, port)
+        self.servers.append(server)
+        return server
+
+    def start(self, body: str, *, top: str = "", instance_dir: bool = True) -> ApacheServer:
+        server = self.make(body, top=top, instance_dir=instance_dir)
+        server.start()
+        return server
+
+    def config_test(self, body: str, *, top: str = "") -> subprocess.CompletedProcess[str]:
+        """``apache2 -t`` on a configuration."""
+        run_dir = public_dir("apache")
+        self.dirs.append(run_dir)
+        conf = run_dir / "httpd.conf"
+        conf.write_text(self.config(body, run_dir=run_dir, port=free_port(), top=top))
+        return subprocess.run(
+            ["apache2", "-t", "-f", str(conf)], capture_output=True, text=True, timeout=30
+        )
+
+    def close(self) -> None:
+        errors = []
+        for server in self.servers:
+            try:
+                server.stop()
+            except AssertionError as exc:
+                errors.append(str(exc))
+        for path in self.dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        if errors:
+            raise AssertionError("\n".join(errors))
+
+
+def vhost(name: str, docroot: Path, inner: str = "") -> str:
+    """A <VirtualHost> on the test's port for ServerName ``name``."""
+    return (
+        f'<VirtualHost *>\n    ServerName {name}\n    DocumentRoot "{docroot}"\n'
+        f'    <Directory "{docroot}">\n        Require all granted\n    </Directory>\n'
+        f"{inner}</VirtualHost>\n"
+    )
+
+
+def json_of(resp: Response) -> dict[str, object]:
+    import json
+
+    assert resp.status == 200, (resp.status, resp.body[:500])
+    data = json.loads(resp.body)
+    assert isinstance(data, dict)
+    return data
+
+
+def error_line(text: str) -> str:
+    """The syntax error Apache printed for ``apache2 -t``."""
+    match = re.search(r"Syntax error on line \d+ of [^:]+:\n(.*)", text)
+    return match.group(1) if match else text
