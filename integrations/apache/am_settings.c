@@ -357,6 +357,18 @@ static int am_server_relative(am_setting_id id)
            || id == AM_S_CORE_SOCKET;
 }
 
+/* Passenger's PassengerLogLevel is a number (0 critical ... 3 notice, its default ... 7 debug). */
+static const char *am_passenger_log_level(int level)
+{
+    if (level <= 1) {
+        return "error";
+    }
+    if (level == 2) {
+        return "warning";
+    }
+    return level <= 4 ? "info" : "debug";
+}
+
 static const char *am_word_count_error(cmd_parms *cmd, const am_setting *s)
 {
     switch (s->kind) {
@@ -448,6 +460,10 @@ const char *am_cmd_setting(cmd_parms *cmd, void *dir_conf, const char *args)
         }
     }
     else {
+        if (id == AM_S_LOG_LEVEL && strncmp(cmd->cmd->name, "Passenger", 9) == 0
+            && apr_isdigit(word[0]) && word[1] == '\0') {
+            word = (char *)am_passenger_log_level(word[0] - '0');
+        }
         if (am_server_relative(id)) {
             const char *path = ap_server_root_relative(cmd->pool, word);
             if (path == NULL) {

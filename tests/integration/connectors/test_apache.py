@@ -181,6 +181,8 @@ def test_every_directive_and_passenger_alias_is_accepted(apache: ApacheFactory) 
     # Passenger's installation directives are accepted too, and do nothing.
     top += ["PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini"]
     top += ["PassengerDefaultRuby /usr/bin/ruby", "PassengerInstanceRegistryDir /tmp"]
+    # Passenger's numeric log levels are mapped.
+    top += ["PassengerLogLevel 3"]
     result = apache.config_test(body, top="\n".join(top))
     assert result.returncode == 0, result.stderr
     assert "Syntax OK" in result.stderr
