@@ -366,9 +366,9 @@ const char *am_core_ensure(apr_pool_t *pconf, apr_pool_t *ptemp, server_rec *s,
         /* Apache reloaded: the core started with it serves on; the new settings of the apps
          * reach it with the next requests' !~App. */
         socket = st->socket;
-        launch->argv = am_core_argv(pconf, settings, socket, instance_dir != NULL
-                                    ? instance_dir
-                                    : am_parent_dir(pconf, socket));
+        /* A changed AppManagerInstanceDir waits for Apache's next start, like the other
+         * settings of the core: a new core (should this one die) stays where this one is. */
+        launch->argv = am_core_argv(pconf, settings, socket, am_parent_dir(pconf, socket));
         ap_log_error(APLOG_MARK, APLOG_INFO, 0, s,
                      "mod_appmanager: the appmanager core (pid %ld) serves on at %s",
                      (long)st->proc.pid, socket);
