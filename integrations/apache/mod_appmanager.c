@@ -25,6 +25,7 @@
 
 #include <dlfcn.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 APLOG_USE_MODULE(appmanager);
 
@@ -352,6 +353,33 @@ static void am_compute_defaults(apr_pool_t *pconf, server_rec *main_server)
     }
 }
 
+/* What can be checked before anything starts, so that `apache2 -t` reports it too. */
+static int am_check_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp,
+                           server_rec *s)
+{
+    am_server_conf *sc = ap_get_module_config(s->module_config, &appmanager_module);
+    const char *command = sc->settings->value[AM_S_CORE_COMMAND];
+
+    (void)pconf;
+    (void)plog;
+    (void)ptemp;
+    if (ap_find_linked_module("mod_proxy.c") == NULL
+        || ap_find_linked_module("mod_proxy_http.c") == NULL) {
+        ap_log_error(APLOG_MARK, APLOG_STARTUP | APLOG_EMERG, 0, s,
+                     "mod_appmanager needs mod_proxy and mod_proxy_http: load them "
+                     "(LoadModule proxy_module .../mod_proxy.so, "
+                     "LoadModule proxy_http_module .../mod_proxy_http.so)");
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
+    if (sc->settings->value[AM_S_CORE_SOCKET] == NULL && command != NULL
+        && strchr(command, '/') != NULL && access(command, X_OK) != 0) {
+        ap_log_error(APLOG_MARK, APLOG_STARTUP | APLOG_EMERG, 0, s,
+                     "AppManagerCoreCommand: %s is not an executable file", command);
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
+    return OK;
+}
+
 static int am_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp,
                           server_rec *s)
 {
@@ -373,13 +401,6 @@ static int am_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp
         apr_pool_userdata_set((const void *)1, first_pass_key, apr_pool_cleanup_null,
                               s->process->pool);
         return OK;
-    }
-    if (proxy_module_p == NULL || ap_find_linked_module("mod_proxy_http.c") == NULL) {
-        ap_log_error(APLOG_MARK, APLOG_EMERG, 0, s,
-                     "mod_appmanager needs mod_proxy and mod_proxy_http: load them "
-                     "(LoadModule proxy_module .../mod_proxy.so, "
-                     "LoadModule proxy_http_module .../mod_proxy_http.so)");
-        return HTTP_INTERNAL_SERVER_ERROR;
     }
     err = am_core_ensure(pconf, ptemp, s, sc->settings, &info);
     if (err != NULL) {
@@ -403,6 +424,7 @@ static void am_register_hooks(apr_pool_t *p)
     static const char *const succ[] = {"mod_proxy.c", NULL};
 
     (void)p;
+    ap_hook_check_config(am_check_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_post_config(am_post_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_fixups(am_fixups, pre, succ, APR_HOOK_FIRST);
     APR_OPTIONAL_HOOK(proxy, fixups, am_proxy_fixups, NULL, NULL, APR_HOOK_MIDDLE);

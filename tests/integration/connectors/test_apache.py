@@ -225,6 +225,15 @@ def test_config_test_fails_naming_the_directive(
     assert line.split()[0] in message and reason in message, result.stderr
 
 
+def test_config_test_checks_the_module_can_start(apache: ApacheFactory) -> None:
+    result = apache.config_test("", without=("mod_proxy_http.so",))
+    assert result.returncode != 0
+    assert "mod_appmanager needs mod_proxy and mod_proxy_http" in result.stderr
+    result = apache.config_test("", top="AppManagerCoreCommand /no/such/appmanager")
+    assert result.returncode != 0
+    assert "AppManagerCoreCommand: /no/such/appmanager is not an executable" in result.stderr
+
+
 def test_passenger_vhost_serves_app_and_static_files(site: tuple[ApacheServer, dict]) -> None:
     server, apps = site
     static = server.get("/hello.txt", host="passenger.test")
