@@ -22,9 +22,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 from conftest import APPS, Response, free_port, request
+
+if TYPE_CHECKING:
+    from webserver import Mount
 
 MODULES_DIR = Path("/usr/lib/apache2/modules")
 BASE_MODULES = (
@@ -356,3 +360,115 @@ def error_line(text: str) -> str:
     """The syntax error Apache printed for ``apache2 -t``."""
     match = re.search(r"Syntax error on line \d+ of [^:]+:\n(.*)", text)
     return match.group(1) if match else text
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _setting_lines(mount: Mount, indent: str) -> list[str]:
+    """The AppManager* directives of a mount's settings and environment."""
+    from appmanager import connectorgen, settings
+
+    lines = [f'{indent}AppManagerAppRoot "{mount.root}"']
+    if mount.base_uri:
+        lines.append(f"{indent}AppManagerBaseURI {_quote(mount.base_uri)}")
+    for name, value in mount.settings.items():
+        directive = connectorgen.apache_names(settings.BY_NAME[name])[0]
+        lines.append(f"{indent}{directive} {_quote(value)}")
+    for env_name, env_value in mount.env.items():
+        lines.append(f"{indent}AppManagerEnvVar {env_name} {_quote(env_value)}")
+    return lines
+
+
+def mounts_config(mounts: list[Mount], empty_root: Path) -> str:
+    """Virtual hosts for the shared suite's mounts: one per server name (localhost first, so
+    that it answers unknown hosts), the app at "/" over the whole host but its sub-URIs, each
+    sub-URI app in a <Location> with its public/ aliased."""
+    names = sorted({m.server_name for m in mounts}, key=lambda n: n != "localhost")
+    out = []
+    for name in names:
+        here = [m for m in mounts if m.server_name == name]
+        root_app = next((m for m in here if not m.base_uri), None)
+        subs = [m for m in here if m.base_uri]
+        docroot = root_app.root / "public" if root_app else empty_root
+        lines = [
+            "<VirtualHost *>",
+            f"    ServerName {name}",
+            f'    DocumentRoot "{docroot}"',
+            f'    <Directory "{docroot}">\n        Require all granted\n    </Directory>',
+        ]
+        if root_app is not None:
+            # A <Location> inside another inherits its settings: the root app's section
+            # leaves the sub-URIs out.
+            prefixes = "|".join(re.escape(m.base_uri.strip("/")) for m in subs)
+            pattern = f"^/(?!({prefixes})(/|$))" if subs else "^/"
+            lines.append(f"    <LocationMatch {_quote(pattern)}>")
+            lines.append("        AppManagerEnabled on")
+            lines += _setting_lines(root_app, "        ")
+            lines.append("    </LocationMatch>")
+        for sub in subs:
+            public = sub.root / "public"
+            lines.append(f'    Alias {_quote(sub.base_uri)} "{public}"')
+            lines.append(
+                f'    <Directory "{public}">\n        Require all granted\n    </Directory>'
+            )
+            lines.append(f"    <Location {_quote(sub.base_uri)}>")
+            lines.append("        AppManagerEnabled on")
+            lines += _setting_lines(sub, "        ")
+            lines.append("    </Location>")
+        lines.append("</VirtualHost>")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+class ApacheSuiteServer(ApacheServer):
+    """An ApacheServer as the shared suite drives it (webserver.WebServer)."""
+
+    factory: ApacheFactory
+    empty_root: Path
+
+    def request(self, raw: bytes, timeout: float = 60.0) -> Response:  # type: ignore[override]
+        return request(self.port, raw, timeout=timeout)
+
+    def core_socket(self) -> str:
+        return str(self.run_dir / "instance" / "connector.sock")
+
+    def reload(self, mounts: list[Mount]) -> None:
+        self.graceful(
+            self.factory.config(
+                mounts_config(mounts, self.empty_root), run_dir=self.run_dir, port=self.port
+            )
+        )
+
+
+class ApacheKind:
+    """Apache for the shared suite (webserver.WebServerKind)."""
+
+    name = "apache"
+
+    def __init__(self) -> None:
+        self.factory = ApacheFactory()
+
+    @staticmethod
+    def missing() -> str | None:
+        return missing()
+
+    def start(self, mounts: list[Mount]) -> ApacheSuiteServer:
+        empty_root = self.factory.site()
+        run_dir = public_dir("apache")
+        self.factory.dirs.append(run_dir)
+        port = free_port()
+        conf = run_dir / "httpd.conf"
+        conf.write_text(
+            self.factory.config(mounts_config(mounts, empty_root), run_dir=run_dir, port=port)
+        )
+        server = ApacheSuiteServer(run_dir, conf, port)
+        server.factory = self.factory
+        server.empty_root = empty_root
+        self.factory.servers.append(server)
+        server.start()
+        return server
+
+    def close(self) -> None:
+        self.factory.close()
