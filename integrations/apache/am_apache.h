@@ -65,6 +65,8 @@ typedef struct {
     /* "app_root=..." when app_root is set here or above, else NULL (the default comes from
      * the DocumentRoot at request time). */
     const char *app_root_field;
+    /* Whether an app setting (app_root included) is set here or above. */
+    int has_app_settings;
 } am_dir_conf;
 
 /* Per virtual host; only the main server's copy of the core-wide settings is used. */

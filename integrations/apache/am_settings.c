@@ -147,6 +147,7 @@ static void am_compute_fields(apr_pool_t *p, am_dir_conf *conf)
     conf->app_root_field = conf->value[AM_S_APP_ROOT] != NULL
                                ? am_app_root_field(p, conf->value[AM_S_APP_ROOT])
                                : NULL;
+    conf->has_app_settings = parts->nelts > 0 || conf->app_root_field != NULL;
 }
 
 /* The inner scope's settings win; repeatable settings (environment variables) add up, outer ones
@@ -166,7 +167,17 @@ void *am_merge_dir_conf(apr_pool_t *p, void *basev, void *addv)
             conf->values[id] = add->values[id] != NULL ? add->values[id] : base->values[id];
         }
     }
-    am_compute_fields(p, conf);
+    /* Apache merges per request for <Directory> and <Location> sections; most of them set no
+     * app setting (a Require, an Options), and then the fields are those of the other side. */
+    if (!add->has_app_settings || !base->has_app_settings) {
+        const am_dir_conf *from = add->has_app_settings ? add : base;
+        conf->app_fields = from->app_fields;
+        conf->app_root_field = from->app_root_field;
+        conf->has_app_settings = from->has_app_settings;
+    }
+    else {
+        am_compute_fields(p, conf);
+    }
     return conf;
 }
 
