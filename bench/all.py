@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Run the benchmarks one after the other: WSGI, ASGI, Ruby (Rack), Node, process lifecycle.
+"""Run the benchmarks one after the other: WSGI, ASGI, Ruby (Rack), Node, WSGI behind nginx and
+behind Apache, process lifecycle.
 
-    python3 bench/all.py [--only wsgi,asgi,ruby,node,lifecycle] [options passed to every script]
+    python3 bench/all.py [--only wsgi,asgi,ruby,node,nginx,apache,lifecycle] [options passed on]
     python3 bench/all.py --write-docs --rounds 3
 
 Options other than --only go to every script unchanged (--duration, --rounds, --connections,
@@ -27,6 +28,8 @@ SCRIPTS = {
     "asgi": "asgi_hello.py",
     "ruby": "ruby_hello.py",
     "node": "node_hello.py",
+    "nginx": "nginx_hello.py",
+    "apache": "apache_hello.py",
     "lifecycle": "lifecycle.py",
 }
 #: The options every script accepts, with whether each takes a value.

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Hello-world WSGI behind Apache, 2 app processes: appmanager's Apache module and mod_passenger.
+
+Both peers are Apache from a self-contained httpd.conf (event MPM, Debian's settings) with one
+module in front of the same app (bench/apps/hello_wsgi, the one wsgi_hello.py serves): appmanager's
+module, which starts `appmanager core` with Apache and hands it the requests through
+mod_proxy_http, and Phusion Passenger's, which starts the Passenger core. The rounds alternate
+between them; see bench/harness.py.
+
+    python3 bench/apache_hello.py [--duration 5] [--rounds 3] [--connections 16] [--python PATH]
+    python3 bench/apache_hello.py --write-docs     # also docs/benchmarks.md and the SVG chart
+
+The module is built with the measured appmanager's own `appmanager apache-module build`. A peer
+that fails to start is reported as failed; the other still runs. Every process the script starts
+(Apache, the cores, the app processes) is stopped at the end, also on Ctrl-C, SIGTERM or error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness import (
+    BENCH_DIR,
+    Benchmark,
+    Condition,
+    PeerSpec,
+    RatioSpec,
+    Target,
+    appmanager_cmd,
+    main,
+)
+from peers import ApacheAppManagerPeer, ApachePassengerPeer
+
+APP_DIR = BENCH_DIR / "apps" / "hello_wsgi"
+APPMANAGER = ApacheAppManagerPeer.name
+PASSENGER = ApachePassengerPeer.name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--python: the interpreter both peers run the app with."""
+    parser.add_argument(
+        "--python", default=sys.executable, help="Python that both peers run the app with"
+    )
+
+
+def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """The versions recorded with the results."""
+    return [
+        ("python_version", [args.python, "--version"]),
+        ("apache_version", ["apache2", "-v"]),
+        ("passenger_version", ["passenger", "--version"]),
+    ]
+
+
+def _appmanager(args: argparse.Namespace, work: Path) -> ApacheAppManagerPeer:
+    return ApacheAppManagerPeer(
+        APP_DIR, work, appmanager_cmd(args), args.python, args.appmanager_rev
+    )
+
+
+def _passenger(args: argparse.Namespace, work: Path) -> ApachePassengerPeer:
+    return ApachePassengerPeer(APP_DIR, work, args.python)
+
+
+BENCHMARK = Benchmark(
+    slug="apache-hello",
+    title="Hello-world WSGI behind Apache, 2 app processes",
+    description=__doc__.split("\n\n")[0],
+    script="bench/apache_hello.py",
+    peers=(
+        PeerSpec(APPMANAGER, "#2b6cb0", _appmanager),
+        PeerSpec(PASSENGER, "#dd6b20", _passenger),
+    ),
+    ratios=(
+        RatioSpec(
+            "rps_appmanager_over_passenger",
+            "Apache+appmanager / Apache+mod_passenger req/s",
+            APPMANAGER,
+            PASSENGER,
+        ),
+        RatioSpec(
+            "core_cpu_appmanager_over_passenger",
+            "Apache+appmanager / Apache+mod_passenger core CPU per request",
+            APPMANAGER,
+            PASSENGER,
+            attr="core_us_per_request",
+        ),
+    ),
+    targets=(
+        Target(
+            "req/s ≥ Apache+mod_passenger's",
+            (Condition("rps_appmanager_over_passenger", at_least=1.0),),
+        ),
+    ),
+    versions=versions,
+    docs_versions=("apache_version", "passenger_version", "python_version"),
+    chart_footer=(
+        "core CPU: Apache's processes plus the core each module starts (appmanager core, "
+        "Passenger core); app processes not counted"
+    ),
+    add_arguments=add_arguments,
+    notes=(
+        "Both peers run the same app with the same Python (`--python`), 2 processes started "
+        "with the web server's first request; as root, both run it as root (appmanager: "
+        "`AppManagerUserSwitching Off`; Passenger: `PassengerUserSwitching off`, "
+        "`PassengerDefaultUser root`).",
+        "Apache: `apache2 -DFOREGROUND -f httpd.conf`, a self-contained configuration with the "
+        "event MPM and Debian's settings for it (2 children of 25 threads to start with), "
+        "`KeepAlive On` with Debian's `MaxKeepAliveRequests 100` (so wrk opens a new connection "
+        "every 100 requests), no access log. The workers run as nobody.",
+        "Apache+appmanager: `AppManagerEnabled On`, `AppManagerAppRoot`, `AppManagerPython`, "
+        "`AppManagerMinInstances 2` in the virtual host and `AppManagerMaxPoolSize 2` at the top "
+        "level; the module (built by `appmanager apache-module build`) starts `appmanager core` "
+        "when Apache starts and passes each request to mod_proxy_http, which keeps a pool of "
+        "connections to the core's Unix socket.",
+        "Apache+mod_passenger: Debian's mod_passenger with `PassengerAppRoot`, "
+        "`PassengerAppType wsgi`, `PassengerStartupFile passenger_wsgi.py`, `PassengerPython`, "
+        "`PassengerMinInstances 2`, `PassengerMaxPoolSize 2`.",
+        "New TCP connections per request: the machine's count of opened TCP connections "
+        "(ActiveOpens in /proc/net/snmp) over the measured run, divided by the requests; the "
+        "connections between Apache and the core (Unix sockets) are not in it.",
+    ),
+)
+
+
+if __name__ == "__main__":
+    sys.exit(main(BENCHMARK))

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Hello-world WSGI behind a web server, 2 app processes: nginx with appmanager's module, nginx
+proxying to gunicorn, and Apache with mod_passenger, side by side.
+
+The app is bench/apps/hello_wsgi, the one wsgi_hello.py serves. The peers:
+
+- nginx+appmanager: nginx with appmanager's nginx module (`appmanager_enabled on`), which starts
+  `appmanager core` with nginx and hands it every request over the core's Unix socket;
+- nginx+gunicorn: nginx `proxy_pass` to `gunicorn -w 2` on a Unix socket, with an upstream
+  keepalive pool;
+- apache+passenger: Apache with Phusion Passenger's module (Passenger's nginx engine cannot be
+  built from Debian's packages; its Apache module is the web server integration it ships here).
+
+The rounds alternate between them; see bench/harness.py.
+
+    python3 bench/nginx_hello.py [--duration 5] [--rounds 3] [--connections 16] [--python PATH]
+    python3 bench/nginx_hello.py --write-docs     # also docs/benchmarks.md and the SVG chart
+
+The module is built with the measured appmanager's own `appmanager nginx-module build`. A peer
+that fails to start is reported as failed; the others still run. Every process the script starts
+(nginx, Apache, gunicorn, the cores, the app processes) is stopped at the end, also on Ctrl-C,
+SIGTERM or error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness import (
+    BENCH_DIR,
+    Benchmark,
+    Condition,
+    PeerSpec,
+    RatioSpec,
+    Target,
+    appmanager_cmd,
+    main,
+)
+from peers import ApachePassengerPeer, NginxAppManagerPeer, NginxGunicornPeer
+
+APP_DIR = BENCH_DIR / "apps" / "hello_wsgi"
+APPMANAGER = NginxAppManagerPeer.name
+GUNICORN = NginxGunicornPeer.name
+PASSENGER = ApachePassengerPeer.name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--python: the interpreter every peer runs the app with."""
+    parser.add_argument(
+        "--python", default=sys.executable, help="Python that every peer runs the app with"
+    )
+
+
+def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """The versions recorded with the results."""
+    return [
+        ("python_version", [args.python, "--version"]),
+        ("nginx_version", ["nginx", "-v"]),
+        ("gunicorn_version", ["gunicorn", "--version"]),
+        ("apache_version", ["apache2", "-v"]),
+        ("passenger_version", ["passenger", "--version"]),
+    ]
+
+
+def _appmanager(args: argparse.Namespace, work: Path) -> NginxAppManagerPeer:
+    return NginxAppManagerPeer(
+        APP_DIR, work, appmanager_cmd(args), args.python, args.appmanager_rev
+    )
+
+
+def _gunicorn(args: argparse.Namespace, work: Path) -> NginxGunicornPeer:
+    return NginxGunicornPeer(APP_DIR, work)
+
+
+def _passenger(args: argparse.Namespace, work: Path) -> ApachePassengerPeer:
+    return ApachePassengerPeer(APP_DIR, work, args.python)
+
+
+def _rps_ratio(peer: str, label: str) -> RatioSpec:
+    key, text = f"rps_appmanager_over_{peer.split('+')[-1]}", f"nginx+appmanager / {label} req/s"
+    return RatioSpec(key, text, APPMANAGER, peer)
+
+
+BENCHMARK = Benchmark(
+    slug="nginx-hello",
+    title="Hello-world WSGI behind nginx, 2 app processes",
+    description=__doc__.split("\n\n")[0],
+    script="bench/nginx_hello.py",
+    peers=(
+        PeerSpec(APPMANAGER, "#2b6cb0", _appmanager),
+        PeerSpec(GUNICORN, "#8a8a8a", _gunicorn),
+        PeerSpec(PASSENGER, "#dd6b20", _passenger),
+    ),
+    ratios=(
+        _rps_ratio(GUNICORN, "nginx+gunicorn"),
+        _rps_ratio(PASSENGER, "Apache+mod_passenger"),
+        RatioSpec(
+            "core_cpu_appmanager_over_passenger",
+            "nginx+appmanager / Apache+mod_passenger core CPU per request",
+            APPMANAGER,
+            PASSENGER,
+            attr="core_us_per_request",
+        ),
+    ),
+    targets=(
+        Target("req/s ≥ nginx+gunicorn's", (Condition("rps_appmanager_over_gunicorn", 1.0),)),
+        Target(
+            "req/s ≥ Apache+mod_passenger's", (Condition("rps_appmanager_over_passenger", 1.0),)
+        ),
+    ),
+    versions=versions,
+    docs_versions=(
+        "nginx_version",
+        "gunicorn_version",
+        "apache_version",
+        "passenger_version",
+        "python_version",
+    ),
+    chart_footer=(
+        "core CPU: the web server's processes plus the core its module starts; "
+        "app processes (gunicorn's workers included) not counted"
+    ),
+    add_arguments=add_arguments,
+    notes=(
+        "Every peer runs the same app with the same Python (`--python`), 2 processes; as root, "
+        "all of them run it as root (appmanager: `appmanager_user_switching off`; Passenger: "
+        "`PassengerUserSwitching off`, `PassengerDefaultUser root`).",
+        "nginx (both nginx peers): `nginx -p RUN/ -c nginx.conf`, a self-contained configuration "
+        "with `worker_processes auto` (one per CPU), `access_log off`, nginx's default keep-alive "
+        "for clients; the workers run as nobody.",
+        "nginx+appmanager: `appmanager_enabled on`, `appmanager_app_root`, `appmanager_python`, "
+        "`appmanager_min_instances 2` in the server block and `appmanager_max_pool_size 2` in "
+        "the http block; the module (built by `appmanager nginx-module build`) starts "
+        "`appmanager core` when nginx starts, and each worker keeps idle connections to the "
+        "core's Unix socket for later requests.",
+        "nginx+gunicorn: `gunicorn -w 2 -b unix:SOCK passenger_wsgi:application` behind "
+        "`proxy_pass http://gunicorn` with `upstream gunicorn { server unix:SOCK; keepalive 8; }`, "
+        '`proxy_http_version 1.1` and `proxy_set_header Connection ""`. gunicorn\'s sync '
+        "workers close the connection after every response, so the pool stays empty and nginx "
+        "opens a new Unix-socket connection per request.",
+        "Apache+mod_passenger: as in the Apache section below (event MPM with Debian's settings, "
+        "`MaxKeepAliveRequests 100`, so wrk opens a new connection every 100 requests).",
+        "New TCP connections per request: the machine's count of opened TCP connections "
+        "(ActiveOpens in /proc/net/snmp) over the measured run, divided by the requests; the "
+        "connections between the web server and the core or gunicorn (Unix sockets) are not in "
+        "it.",
+    ),
+)
+
+
+if __name__ == "__main__":
+    sys.exit(main(BENCHMARK))
