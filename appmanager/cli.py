@@ -11,6 +11,7 @@ import click
 
 from appmanager import __version__, settings
 from appmanager.apache import apache_config, apache_module
+from appmanager.nginx import nginx_config_command, nginx_module, run_engine
 
 
 def _fail(message: str) -> None:
@@ -95,6 +96,8 @@ def start(app_dir: str | None, **raw: Any) -> None:
     from appmanager.core import Core
 
     values = plan.settings
+    if values["engine"] == "nginx":
+        sys.exit(run_engine(plan))
     if values["daemonize"] and not values["log_file"]:
         first = plan.apps[0].spec.root
         log_dir = os.path.join(first, "log")
@@ -342,3 +345,5 @@ class _ClosingWriter:
 # Commands of the web-server connectors register below, one line each.
 main.add_command(apache_module)
 main.add_command(apache_config)
+main.add_command(nginx_module)
+main.add_command(nginx_config_command(_setting_options))

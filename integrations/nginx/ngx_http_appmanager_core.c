@@ -530,9 +530,14 @@ ngx_http_appmanager_exec_core(char **argv, int lifeline, int report)
         _exit(127);
     }
 
-    null = open("/dev/null", O_RDONLY);
-    if (null != -1 && null != 0) {
+    /*
+     * The core's banner is not nginx's to print: only its log, on standard
+     * error or in its log file, is kept.
+     */
+    null = open("/dev/null", O_RDWR);
+    if (null != -1) {
         (void) dup2(null, 0);
+        (void) dup2(null, 1);
     }
 
     /* nginx's listening sockets, logs and pipes are none of the core's */
