@@ -48,7 +48,9 @@ def integrations_dir() -> Path:
 def module_sources() -> list[Path]:
     """Every file the build reads from appmanager: the module's directory and the table."""
     base = integrations_dir()
-    files = sorted(p for p in (base / "nginx").iterdir() if p.is_file())
+    files = sorted(
+        p for p in (base / "nginx").iterdir() if p.name == "config" or p.suffix in (".c", ".h")
+    )
     return [*files, base / DEF_NAME]
 
 

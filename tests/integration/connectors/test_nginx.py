@@ -338,6 +338,35 @@ def test_a_core_that_is_not_there_gets_502_and_a_log_line_naming_its_socket(
     assert f"{site}/gone.sock" in server.error_log()
 
 
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("exits", "appmanager: the core exited with status 3 before listening on"),
+        ("missing", 'appmanager: cannot run the core command "'),
+    ],
+)
+def test_nginx_does_not_start_when_its_core_cannot(
+    nginx: NginxFactory, command: str, message: str
+) -> None:
+    site = nginx.site()
+    script = site / "appmanager"
+    script.write_text("#!/bin/sh\necho 'the core cannot start' >&2\nexit 3\n")
+    script.chmod(0o755)
+    core_command = script if command == "exits" else site / "no-such-appmanager"
+    server = nginx.make(
+        "server { listen LISTEN; location / { appmanager_enabled on; } }",
+        top=f"appmanager_core_command {core_command};",
+    )
+    result = subprocess.run(
+        [NGINX, "-p", str(server.run_dir), "-c", str(server.conf_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
 # -- with the real core ------------------------------------------------------------------------
 
 
