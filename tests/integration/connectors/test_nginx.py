@@ -375,6 +375,29 @@ def echo_app(nginx: NginxFactory) -> Path:
     return copy_app(app_source("connector_echo"), nginx.site(), {"static.txt": "from a file\n"})
 
 
+def test_the_core_gets_the_http_level_settings_and_the_worker_user(
+    nginx: NginxFactory, echo_app: Path
+) -> None:
+    body = f"server {{ listen LISTEN; root {echo_app}/public; appmanager_enabled on; }}"
+    server = nginx.start(body, top="passenger_max_pool_size 3; appmanager_log_level debug;")
+    core = server.core()
+    assert core is not None
+    cmdline = core.cmdline()
+    run = server.run_dir
+    assert cmdline[cmdline.index("core") :] == [
+        "core",
+        "--socket", f"{run}/instance/connector.sock",
+        "--instance-dir", f"{run}/instance",
+        *(["--connector-user", "nobody"] if AS_ROOT else []),
+        "--lifeline-fd", "3",
+        "--max-pool-size", "3",
+        "--shutdown-timeout", "5",
+        "--log-file", f"{run}/core.log",
+        "--log-level", "debug",
+    ]  # fmt: skip
+    assert server.get("/static.txt").status == 200
+
+
 def test_a_core_started_on_its_own_serves_and_outlives_nginx(
     nginx: NginxFactory, echo_app: Path, tmp_path: Path
 ) -> None:
