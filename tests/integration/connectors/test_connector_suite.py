@@ -62,9 +62,15 @@ STATIC = {"static.txt": "served from public/\n", "docs/index.html": "<p>index</p
 
 @pytest.fixture(scope="module")
 def echo_server(shared_kind: WebServerKind) -> WebServer:
-    """The echo app at localhost, with its public/ files; one server for the module."""
+    """The echo app at localhost, with its public/ files, and again under /sub; one server
+    for the module."""
     app = copy_app(app_source("connector_echo"), shared_kind.site(), STATIC)
-    return shared_kind.start([Mount(app, env={"GREETING": "hello from the config"})])
+    return shared_kind.start(
+        [
+            Mount(app, env={"GREETING": "hello from the config"}),
+            Mount(app, base_uri="/sub", env={"GREETING": "under /sub"}),
+        ]
+    )
 
 
 def _json(resp: object) -> dict[str, object]:
@@ -150,6 +156,18 @@ def test_files_under_public_are_served_by_the_web_server(echo_server: WebServer)
     # Everything else is the app's.
     assert _json(echo_server.get("/static.txt/more"))["path_info"] == "/static.txt/more"
     assert _json(echo_server.get("/docs/missing.html"))["path_info"] == "/docs/missing.html"
+
+
+def test_an_app_under_a_sub_uri_sees_it_as_its_script_name(echo_server: WebServer) -> None:
+    seen = _json(echo_server.get("/sub/items/1?x=2"))
+    assert seen["script_name"] == "/sub"
+    assert seen["path_info"] == "/items/1"
+    assert seen["request_uri"] == "/sub/items/1?x=2"
+    assert _json(echo_server.get("/sub/env?GREETING"))["value"] == "under /sub"
+    assert echo_server.get("/sub/static.txt").body == b"served from public/\n"
+    # The same app root at / is another app, with its own settings.
+    assert _json(echo_server.get("/env?GREETING"))["value"] == "hello from the config"
+    assert _json(echo_server.get("/subway"))["script_name"] == ""
 
 
 def test_a_10_mb_upload_arrives_intact(echo_server: WebServer) -> None:
