@@ -28,9 +28,20 @@ import click
 from appmanager import connectorgen, settings
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-# The module's C sources: beside the package in a checkout or an editable install.
-SOURCE_DIR = PACKAGE_DIR.parent / "integrations" / "apache"
-DEF_PATH = connectorgen.DEF_PATH
+
+
+def _integrations_dir() -> Path:
+    """integrations/: package data in a wheel (appmanager/integrations), beside the package in
+    a checkout or an editable install."""
+    for candidate in (PACKAGE_DIR / "integrations", PACKAGE_DIR.parent / "integrations"):
+        if (candidate / "apache").is_dir():
+            return candidate
+    return PACKAGE_DIR.parent / "integrations"
+
+
+# The module's C sources and the generated directive table they include.
+SOURCE_DIR = _integrations_dir() / "apache"
+DEF_PATH = _integrations_dir() / "appmanager_directives.def"
 MODULE_NAME = "mod_appmanager.so"
 # Apache modules the printed configuration loads, when the system has them as files.
 CONFIG_MODULES = (

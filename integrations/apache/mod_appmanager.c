@@ -196,6 +196,24 @@ static int am_is_static(request_rec *r)
     return 0;
 }
 
+/* The path and query as the client sent them (connector.md: not decoded), or NULL when a module
+ * rewrote them (mod_rewrite's [PT], for one): Apache decodes and normalizes r->uri in place,
+ * in the string of r->parsed_uri.path, so a different string means a rewrite. The origin form
+ * of an absolute-form target ("GET http://host/path") is its path and query. */
+static const char *am_raw_target(request_rec *r)
+{
+    const char *target = r->unparsed_uri;
+
+    if (r->uri != r->parsed_uri.path || r->args != r->parsed_uri.query || target == NULL) {
+        return NULL;
+    }
+    if (target[0] != '/') {
+        const char *authority = ap_strstr_c(target, "://");
+        target = authority != NULL ? ap_strchr_c(authority + 3, '/') : NULL;
+    }
+    return target;
+}
+
 /* The request path: decide whether the request is an app's, and if so make it a reverse-proxy
  * request to the core with the connector fields attached. */
 static int am_fixups(request_rec *r)
@@ -205,6 +223,7 @@ static int am_fixups(request_rec *r)
     const char *root_field = dc->app_root_field;
     const char *buffering = dc->value[AM_S_REQUEST_BUFFERING];
     int detected = 1;
+    const char *target;
     am_request *req;
     apr_port_t client_port, local_port;
 
@@ -247,9 +266,19 @@ static int am_fixups(request_rec *r)
         apr_table_setn(r->subprocess_env, "proxy-sendcl", "1");
     }
 
-    /* The path as Apache decoded it; mod_proxy_http encodes it again and appends the query
-     * (r->args) itself, so neither the raw URI nor the query goes in here. */
-    r->filename = apr_pstrcat(r->pool, "proxy:unix:", am_socket, AM_PROXY_URL_HOST, r->uri, NULL);
+    target = am_raw_target(r);
+    if (target != NULL) {
+        /* The request target as the client sent it, untouched by mod_proxy_http. */
+        r->filename = apr_pstrcat(r->pool, "proxy:unix:", am_socket, AM_PROXY_URL_HOST, target,
+                                  NULL);
+        apr_table_setn(r->notes, "proxy-nocanon", "1");
+    }
+    else {
+        /* Rewritten: the path as rewritten (decoded), which mod_proxy_http encodes again, and
+         * to which it appends the query (r->args) itself. */
+        r->filename = apr_pstrcat(r->pool, "proxy:unix:", am_socket, AM_PROXY_URL_HOST, r->uri,
+                                  NULL);
+    }
     r->proxyreq = PROXYREQ_REVERSE;
     r->handler = "proxy-server";
     /* Not a file any more: keeps mod_dir from redirecting or looking for index files. */

@@ -395,6 +395,9 @@ def mounts_config(mounts: list[Mount], empty_root: Path) -> str:
         lines = [
             "<VirtualHost *>",
             f"    ServerName {name}",
+            # An app's encoded slashes reach it as sent (by default Apache answers 404; a
+            # virtual host does not inherit this from the server).
+            "    AllowEncodedSlashes NoDecode",
             f'    DocumentRoot "{docroot}"',
             f'    <Directory "{docroot}">\n        Require all granted\n    </Directory>',
         ]
@@ -453,6 +456,10 @@ class ApacheKind:
     @staticmethod
     def missing() -> str | None:
         return missing()
+
+    def site(self) -> Path:
+        """A world-readable directory for apps; removed at close."""
+        return self.factory.site()
 
     def start(self, mounts: list[Mount]) -> ApacheSuiteServer:
         empty_root = self.factory.site()

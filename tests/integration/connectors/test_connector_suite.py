@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from apache import ApacheKind
 from conftest import HttpReader
 from nginx import NginxKind
 from webserver import (
@@ -31,6 +32,7 @@ from webserver import (
 # Each kind of web server the suite runs against; one line per kind.
 WEB_SERVERS: list[type] = [
     NginxKind,
+    ApacheKind,
 ]
 
 
