@@ -189,16 +189,26 @@ ngx_http_appmanager_start_core(ngx_cycle_t *cycle,
             tmp = "/tmp";
         }
 
-        len = ngx_strlen(tmp) + sizeof("/appmanager-nginx.") - 1
-              + NGX_INT64_LEN;
+        /*
+         * Made here, with a name nobody can guess and take first: the
+         * socket's path must be known before the core starts.
+         */
+        len = ngx_strlen(tmp) + sizeof("/appmanager-nginx.XXXXXX");
         dir.data = ngx_pnalloc(cycle->pool, len);
         if (dir.data == NULL) {
             return NGX_ERROR;
         }
 
-        dir.len = ngx_sprintf(dir.data, "%s/appmanager-nginx.%P", tmp,
-                              ngx_getpid())
-                  - dir.data;
+        ngx_sprintf(dir.data, "%s/appmanager-nginx.XXXXXX%Z", tmp);
+
+        if (mkdtemp((char *) dir.data) == NULL) {
+            ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                          "appmanager: cannot create an instance directory "
+                          "\"%s\"", dir.data);
+            return NGX_ERROR;
+        }
+
+        dir.len = ngx_strlen(dir.data);
     }
 
     while (dir.len > 1 && dir.data[dir.len - 1] == '/') {

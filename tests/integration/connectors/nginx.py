@@ -125,13 +125,14 @@ class NginxServer:
             return set()
         return {p.pid for p in children if _is_worker(p)}
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, env: dict[str, str] | None = None) -> None:
         with open(self.run_dir / "stderr.log", "wb") as stderr:
             self.proc = subprocess.Popen(
                 [NGINX, "-p", str(self.run_dir), "-c", str(self.conf_path)],
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
         deadline = time.monotonic() + timeout
         # nginx writes its pid file once its modules have started: the core listens by then.

@@ -398,6 +398,27 @@ def test_the_core_gets_the_http_level_settings_and_the_worker_user(
     assert server.get("/static.txt").status == 200
 
 
+def test_without_an_instance_directory_the_core_gets_a_fresh_private_one(
+    nginx: NginxFactory, echo_app: Path
+) -> None:
+    tmp = nginx.site()
+    body = f"server {{ listen LISTEN; root {echo_app}/public; appmanager_enabled on; }}"
+    server = nginx.make(body)
+    text = server.conf_path.read_text()
+    server.conf_path.write_text(
+        "\n".join(line for line in text.splitlines() if "appmanager_instance_dir" not in line)
+    )
+    server.start(env={"TMPDIR": str(tmp)})
+    # (the core keeps its per-user registry of instances there too)
+    (instance,) = tmp.glob("appmanager-nginx.*")
+    assert instance.stat().st_uid == os.geteuid()
+    core = server.core()
+    assert core is not None
+    assert core.cmdline()[core.cmdline().index("--socket") + 1] == f"{instance}/connector.sock"
+    assert server.get("/static.txt").status == 200
+    assert json.loads(server.get("/app").body)["path_info"] == "/app"
+
+
 def test_a_core_started_on_its_own_serves_and_outlives_nginx(
     nginx: NginxFactory, echo_app: Path, tmp_path: Path
 ) -> None:
