@@ -40,6 +40,7 @@ BASE_MODULES = (
     ("env_module", "mod_env.so"),
     ("proxy_module", "mod_proxy.so"),
     ("proxy_http_module", "mod_proxy_http.so"),
+    ("rewrite_module", "mod_rewrite.so"),
 )
 READY = "resuming normal operations"
 

@@ -68,7 +68,8 @@ def site() -> Iterator[tuple[ApacheServer, dict[str, Path]]]:
         "    PassengerAppEnv staging\n"
         "    PassengerMinInstances 1\n"
         '    SetEnv GREETING "hello from SetEnv"\n'
-        "    <Location /apache-only>\n        PassengerEnabled off\n    </Location>\n",
+        "    <Location /apache-only>\n        PassengerEnabled off\n    </Location>\n"
+        "    RewriteEngine on\n    RewriteRule ^/old/(.*)$ /new/$1?from=old [PT,QSA]\n",
     )
     frameworks = "".join(
         vhost(
@@ -250,6 +251,10 @@ def test_passenger_vhost_serves_app_and_static_files(site: tuple[ApacheServer, d
     assert env["SERVER_PORT"] == str(server.port)
     assert env["REMOTE_ADDR"] == "127.0.0.1"
     assert env["wsgi.url_scheme"] == "http"
+    # A rewritten request goes to the app as rewritten.
+    rewritten = json_of(server.get("/old/p%20q?x=1", host="passenger.test"))
+    assert rewritten["PATH_INFO"] == "/new/p q"
+    assert rewritten["QUERY_STRING"] == "from=old&x=1"
     # mod_proxy adds no X-Forwarded-* of its own: the app sees the client's headers.
     assert not any(key.startswith("HTTP_X_FORWARDED") or key == "HTTP_VIA" for key in env)
     # PassengerAppEnv and SetEnv reach the app's environment.
