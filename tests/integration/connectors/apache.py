@@ -18,14 +18,14 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
-from conftest import APPS, Response, free_port, request
+from conftest import Response, free_port, request
+from webserver import public_dir
 
 if TYPE_CHECKING:
     from webserver import Mount
@@ -73,35 +73,6 @@ def worker_user() -> tuple[str, str] | None:
             continue
         return user, grp.getgrgid(entry.pw_gid).gr_name
     raise AssertionError("neither www-data nor nobody exists")
-
-
-def public_dir(prefix: str) -> Path:
-    """A temporary directory every user may traverse and read (pytest's are private)."""
-    path = Path(tempfile.mkdtemp(prefix=f"appmanager-{prefix}-", dir="/tmp"))
-    path.chmod(0o755)
-    return path
-
-
-def copy_app(name: str, parent: Path, static: dict[str, str] | None = None) -> Path:
-    """A copy of tests/apps/NAME under ``parent`` with a public/ directory holding ``static``
-    files, readable by Apache's children. node_modules is linked, not copied."""
-    source = APPS / name
-    dest = parent / name
-    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("node_modules", "__pycache__"))
-    if (source / "node_modules").is_dir():
-        (dest / "node_modules").symlink_to(source / "node_modules")
-    public = dest / "public"
-    public.mkdir(exist_ok=True)
-    for rel, text in (static or {}).items():
-        (public / rel).parent.mkdir(parents=True, exist_ok=True)
-        (public / rel).write_text(text)
-    for root, dirs, files in os.walk(dest):
-        for entry in dirs + files:
-            path = os.path.join(root, entry)
-            if not os.path.islink(path):
-                os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
-    dest.chmod(0o755)
-    return dest
 
 
 @dataclass

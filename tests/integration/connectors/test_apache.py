@@ -20,15 +20,15 @@ import pytest
 from apache import (
     ApacheFactory,
     ApacheServer,
-    copy_app,
     error_line,
     json_of,
     missing,
-    public_dir,
     vhost,
     worker_user,
 )
 from conftest import free_port
+from webserver import app_source, public_dir
+from webserver import copy_app as copy_app_dir
 
 from appmanager import detect
 
@@ -98,6 +98,11 @@ def site() -> Iterator[tuple[ApacheServer, dict[str, Path]]]:
         yield server, apps
     finally:
         factory.close()
+
+
+def copy_app(name: str, parent: Path, static: dict[str, str] | None = None) -> Path:
+    """A world-readable copy of tests/apps/NAME with ``static`` files in its public/."""
+    return copy_app_dir(app_source(name), parent, static)
 
 
 def directive_rows() -> list[tuple[str, str, str, str, str]]:
