@@ -16,6 +16,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -71,6 +72,17 @@ class InstanceDir:
             if not os.path.isdir(self.path):
                 os.makedirs(self.path, mode=0o700)
                 self.created = True
+            else:
+                info = os.lstat(self.path)
+                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                    # A directory someone else made (in /tmp, say) could be theirs to read.
+                    raise StartError(
+                        f"instance directory {self.path} is not a directory of this user's "
+                        "(--instance-dir)"
+                    )
+                # An empty directory handed over (a web server module's mkdtemp, or `appmanager
+                # core` creating it for its socket) is this instance's to remove.
+                self.created = not os.listdir(self.path)
         os.chmod(self.path, 0o711 if traversable else 0o700)
         self.spool = os.path.join(self.path, "spool")
         os.makedirs(self.spool, mode=0o700, exist_ok=True)
