@@ -49,7 +49,7 @@ def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The versions recorded with the results."""
     return [
         ("python_version", [args.python, "--version"]),
-        ("apache_version", ["apache2", "-v"]),
+        ("apache_version", ["sh", "-c", "apache2 -v | sed -n 's/^Server version: //p'"]),
         ("passenger_version", ["passenger", "--version"]),
     ]
 
@@ -75,14 +75,14 @@ BENCHMARK = Benchmark(
     ),
     ratios=(
         RatioSpec(
-            "rps_appmanager_over_passenger",
-            "Apache+appmanager / Apache+mod_passenger req/s",
+            f"rps_appmanager_over_{PASSENGER}",
+            f"appmanager / {PASSENGER} req/s",
             APPMANAGER,
             PASSENGER,
         ),
         RatioSpec(
-            "core_cpu_appmanager_over_passenger",
-            "Apache+appmanager / Apache+mod_passenger core CPU per request",
+            f"core_cpu_appmanager_over_{PASSENGER}",
+            f"appmanager / {PASSENGER} core CPU per request",
             APPMANAGER,
             PASSENGER,
             attr="core_us_per_request",
@@ -90,15 +90,15 @@ BENCHMARK = Benchmark(
     ),
     targets=(
         Target(
-            "req/s ≥ Apache+mod_passenger's",
-            (Condition("rps_appmanager_over_passenger", at_least=1.0),),
+            "req/s ≥ mod_passenger's",
+            (Condition(f"rps_appmanager_over_{PASSENGER}", at_least=1.0),),
         ),
     ),
     versions=versions,
     docs_versions=("apache_version", "passenger_version", "python_version"),
     chart_footer=(
-        "core CPU: Apache's processes plus the core each module starts (appmanager core, "
-        "Passenger core); app processes not counted"
+        "both in Apache; core CPU: Apache's processes and the core each module starts "
+        "(appmanager core, Passenger core)"
     ),
     add_arguments=add_arguments,
     notes=(
@@ -110,12 +110,12 @@ BENCHMARK = Benchmark(
         "event MPM and Debian's settings for it (2 children of 25 threads to start with), "
         "`KeepAlive On` with Debian's `MaxKeepAliveRequests 100` (so wrk opens a new connection "
         "every 100 requests), no access log. The workers run as nobody.",
-        "Apache+appmanager: `AppManagerEnabled On`, `AppManagerAppRoot`, `AppManagerPython`, "
+        "appmanager: `AppManagerEnabled On`, `AppManagerAppRoot`, `AppManagerPython`, "
         "`AppManagerMinInstances 2` in the virtual host and `AppManagerMaxPoolSize 2` at the top "
         "level; the module (built by `appmanager apache-module build`) starts `appmanager core` "
         "when Apache starts and passes each request to mod_proxy_http, which keeps a pool of "
         "connections to the core's Unix socket.",
-        "Apache+mod_passenger: Debian's mod_passenger with `PassengerAppRoot`, "
+        "mod_passenger: Debian's mod_passenger with `PassengerAppRoot`, "
         "`PassengerAppType wsgi`, `PassengerStartupFile passenger_wsgi.py`, `PassengerPython`, "
         "`PassengerMinInstances 2`, `PassengerMaxPoolSize 2`.",
         "New TCP connections per request: the machine's count of opened TCP connections "

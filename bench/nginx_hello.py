@@ -4,11 +4,11 @@ proxying to gunicorn, and Apache with mod_passenger, side by side.
 
 The app is bench/apps/hello_wsgi, the one wsgi_hello.py serves. The peers:
 
-- nginx+appmanager: nginx with appmanager's nginx module (`appmanager_enabled on`), which starts
+- appmanager: nginx with appmanager's nginx module (`appmanager_enabled on`), which starts
   `appmanager core` with nginx and hands it every request over the core's Unix socket;
-- nginx+gunicorn: nginx `proxy_pass` to `gunicorn -w 2` on a Unix socket, with an upstream
+- gunicorn: nginx `proxy_pass` to `gunicorn -w 2` on a Unix socket, with an upstream
   keepalive pool;
-- apache+passenger: Apache with Phusion Passenger's module (Passenger's nginx engine cannot be
+- mod_passenger: Apache with Phusion Passenger's module (Passenger's nginx engine cannot be
   built from Debian's packages; its Apache module is the web server integration it ships here).
 
 The rounds alternate between them; see bench/harness.py.
@@ -57,9 +57,9 @@ def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The versions recorded with the results."""
     return [
         ("python_version", [args.python, "--version"]),
-        ("nginx_version", ["nginx", "-v"]),
+        ("nginx_version", ["sh", "-c", "nginx -v 2>&1 | sed 's/^nginx version: //'"]),
         ("gunicorn_version", ["gunicorn", "--version"]),
-        ("apache_version", ["apache2", "-v"]),
+        ("apache_version", ["sh", "-c", "apache2 -v | sed -n 's/^Server version: //p'"]),
         ("passenger_version", ["passenger", "--version"]),
     ]
 
@@ -78,8 +78,8 @@ def _passenger(args: argparse.Namespace, work: Path) -> ApachePassengerPeer:
     return ApachePassengerPeer(APP_DIR, work, args.python)
 
 
-def _rps_ratio(peer: str, label: str) -> RatioSpec:
-    key, text = f"rps_appmanager_over_{peer.split('+')[-1]}", f"nginx+appmanager / {label} req/s"
+def _rps_ratio(peer: str) -> RatioSpec:
+    key, text = f"rps_appmanager_over_{peer}", f"appmanager / {peer} req/s"
     return RatioSpec(key, text, APPMANAGER, peer)
 
 
@@ -94,20 +94,21 @@ BENCHMARK = Benchmark(
         PeerSpec(PASSENGER, "#dd6b20", _passenger),
     ),
     ratios=(
-        _rps_ratio(GUNICORN, "nginx+gunicorn"),
-        _rps_ratio(PASSENGER, "Apache+mod_passenger"),
+        _rps_ratio(GUNICORN),
+        _rps_ratio(PASSENGER),
         RatioSpec(
-            "core_cpu_appmanager_over_passenger",
-            "nginx+appmanager / Apache+mod_passenger core CPU per request",
+            f"core_cpu_appmanager_over_{PASSENGER}",
+            f"appmanager / {PASSENGER} core CPU per request",
             APPMANAGER,
             PASSENGER,
             attr="core_us_per_request",
         ),
     ),
     targets=(
-        Target("req/s ≥ nginx+gunicorn's", (Condition("rps_appmanager_over_gunicorn", 1.0),)),
+        Target("req/s ≥ nginx → gunicorn's", (Condition(f"rps_appmanager_over_{GUNICORN}", 1.0),)),
         Target(
-            "req/s ≥ Apache+mod_passenger's", (Condition("rps_appmanager_over_passenger", 1.0),)
+            "req/s ≥ Apache + mod_passenger's",
+            (Condition(f"rps_appmanager_over_{PASSENGER}", 1.0),),
         ),
     ),
     versions=versions,
@@ -119,8 +120,8 @@ BENCHMARK = Benchmark(
         "python_version",
     ),
     chart_footer=(
-        "core CPU: the web server's processes plus the core its module starts; "
-        "app processes (gunicorn's workers included) not counted"
+        "appmanager and gunicorn behind nginx, mod_passenger in Apache; core CPU: the web "
+        "server's processes and the core its module starts"
     ),
     add_arguments=add_arguments,
     notes=(
@@ -130,18 +131,19 @@ BENCHMARK = Benchmark(
         "nginx (both nginx peers): `nginx -p RUN/ -c nginx.conf`, a self-contained configuration "
         "with `worker_processes auto` (one per CPU), `access_log off`, nginx's default keep-alive "
         "for clients; the workers run as nobody.",
-        "nginx+appmanager: `appmanager_enabled on`, `appmanager_app_root`, `appmanager_python`, "
+        "appmanager: `appmanager_enabled on`, `appmanager_app_root`, `appmanager_python`, "
         "`appmanager_min_instances 2` in the server block and `appmanager_max_pool_size 2` in "
         "the http block; the module (built by `appmanager nginx-module build`) starts "
         "`appmanager core` when nginx starts, and each worker keeps idle connections to the "
         "core's Unix socket for later requests.",
-        "nginx+gunicorn: `gunicorn -w 2 -b unix:SOCK passenger_wsgi:application` behind "
+        "gunicorn: `gunicorn -w 2 -b unix:SOCK passenger_wsgi:application` behind "
         "`proxy_pass http://gunicorn` with `upstream gunicorn { server unix:SOCK; keepalive 8; }`, "
         '`proxy_http_version 1.1` and `proxy_set_header Connection ""`. gunicorn\'s sync '
         "workers close the connection after every response, so the pool stays empty and nginx "
         "opens a new Unix-socket connection per request.",
-        "Apache+mod_passenger: as in the Apache section below (event MPM with Debian's settings, "
-        "`MaxKeepAliveRequests 100`, so wrk opens a new connection every 100 requests).",
+        "mod_passenger: Apache with Passenger's module, as in the Apache section below (event "
+        "MPM with Debian's settings, `MaxKeepAliveRequests 100`, so wrk opens a new connection "
+        "every 100 requests).",
         "New TCP connections per request: the machine's count of opened TCP connections "
         "(ActiveOpens in /proc/net/snmp) over the measured run, divided by the requests; the "
         "connections between the web server and the core or gunicorn (Unix sockets) are not in "

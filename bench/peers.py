@@ -930,8 +930,8 @@ class NginxAppManagerPeer(NginxPeer):
     """nginx with appmanager's module (`appmanager_enabled on`), which starts `appmanager core`
     with nginx and hands it every request over the core's Unix socket."""
 
-    name = "nginx+appmanager"
-    note = "appmanager's nginx module → appmanager core (Unix socket) → app processes"
+    name = "appmanager"
+    note = "nginx + appmanager's module → appmanager core (Unix socket) → app processes"
     core_description = (
         "nginx's master and worker processes and the `appmanager core` process that the module "
         "started; the app processes (the core's children) are not counted"
@@ -985,7 +985,7 @@ class NginxAppManagerPeer(NginxPeer):
 class NginxGunicornPeer(NginxPeer):
     """nginx `proxy_pass` to gunicorn -w 2 on a Unix socket, with a keepalive upstream."""
 
-    name = "nginx+gunicorn"
+    name = "gunicorn"
     note = (
         "nginx proxy_pass → gunicorn -w 2 (Unix socket); gunicorn's sync workers close every "
         "upstream connection"
@@ -1124,8 +1124,11 @@ class ApacheAppManagerPeer(ApachePeer):
     """Apache with appmanager's module (`AppManagerEnabled On`), which starts `appmanager core`
     with Apache and hands it every request through mod_proxy_http's pooled connections."""
 
-    name = "apache+appmanager"
-    note = "appmanager's Apache module (mod_proxy_http) → appmanager core (Unix socket) → app"
+    name = "appmanager"
+    note = (
+        "Apache + appmanager's module (through mod_proxy_http) → appmanager core (Unix socket) "
+        "→ app processes"
+    )
     core_description = (
         "Apache's master and child processes and the `appmanager core` process that the module "
         "started; the app processes (the core's children) are not counted"
@@ -1184,8 +1187,8 @@ class ApacheAppManagerPeer(ApachePeer):
 class ApachePassengerPeer(ApachePeer):
     """Apache with Phusion Passenger's module, which runs its watchdog and core with Apache."""
 
-    name = "apache+passenger"
-    note = "mod_passenger → Passenger core (C++, Unix socket) → app processes"
+    name = "mod_passenger"
+    note = "Apache + mod_passenger → Passenger core (C++, Unix socket) → app processes"
     core_description = (
         "Apache's master and child processes and the 'Passenger core' process under the "
         "Passenger watchdog; the watchdog and the app processes are not counted"
