@@ -1,7 +1,8 @@
 """The core's side of the connector protocol: apps named by the nginx and Apache modules.
 
 A module sends each request with ``!~App`` (the app root and its settings, one string per web
-server location) and ``!~Client`` (the client's addresses); see ``docs/protocol/connector.md``.
+server location), ``!~Client`` (the client's addresses) and ``!~Secret`` (the core's connector
+secret, which proves the request comes from the web server); see ``docs/protocol/connector.md``.
 ``ConnectorApps`` turns ``!~App`` strings into Groups of the Pool: it lives as long as the core,
 creates a Group the first time a string is seen, and replaces the Group of the same
 ``(app_root, base_uri)`` when the string changes (the web server reloaded with new settings).
@@ -9,8 +10,10 @@ creates a Group the first time a string is seen, and replaces the Group of the s
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -128,6 +131,32 @@ def _parse(setting: settings.Setting, raw: Any) -> Any:
         return setting.parse(raw)
     except settings.SettingError as exc:
         raise ConnectorError(f"{setting.name}: {exc.reason}") from None
+
+
+def secret_path(socket_path: str) -> str:
+    """Where the core keeps its connector secret: next to its socket."""
+    return socket_path + ".secret"
+
+
+def write_secret(socket_path: str) -> bytes:
+    """Make a new connector secret and write it, readable by the core's user only, next to the
+    socket; a web server's master process (root, or the core's user) reads it there."""
+    secret = secrets.token_hex(16).encode()
+    path = secret_path(socket_path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret + b"\n")
+    return secret
+
+
+def secret_matches(fields: dict[bytes, bytes], secret: bytes) -> bool:
+    """Did the request carry the core's connector secret?"""
+    given = fields.get(b"!~secret")
+    return given is not None and bool(secret) and hmac.compare_digest(given.strip(), secret)
 
 
 def client_meta(field: bytes) -> bytes | None:

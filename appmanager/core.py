@@ -25,7 +25,7 @@ from typing import Any, TextIO
 from appmanager import __version__, instances
 from appmanager.accesslog import AccessLog
 from appmanager.config import Plan
-from appmanager.connector import ConnectorApps
+from appmanager.connector import ConnectorApps, secret_path, write_secret
 from appmanager.control import ControlServer
 from appmanager.front import Connection, Listener, listen_tcp, listen_unix
 from appmanager.group import Group
@@ -131,6 +131,8 @@ class Core:
         # means the web server is gone, and the core stops as on SIGTERM.
         self.lifeline_fd = lifeline_fd
         self._tcp: socket.socket | None = None
+        # What a connector's requests must carry in ``!~Secret`` (docs/protocol/connector.md).
+        self.connector_secret = b""
         self.reaper = Reaper(self.pool)
         self.control: ControlServer | None = None
         self.metrics: MetricsServer | None = None
@@ -171,6 +173,8 @@ class Core:
         self._unix: socket.socket | None = None
         if socket_path:
             try:
+                # Before the socket accepts: a module reads the secret once it can connect.
+                self.connector_secret = write_secret(socket_path)
                 self._unix = listen_unix(socket_path)
             except OSError as exc:
                 if self._tcp is not None:
@@ -399,10 +403,11 @@ class Core:
         for listener in self.listeners:
             listener.close()
         if self._unix is not None and self.settings["socket"]:
-            try:
-                os.unlink(self.settings["socket"])
-            except OSError:
-                pass
+            for path in (self.settings["socket"], secret_path(self.settings["socket"])):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
         for conn in list(self.connections):
             if conn.idle_between_requests():
                 conn.close()

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from appmanager import errors
-from appmanager.connector import ConnectorError, client_meta
+from appmanager.connector import ConnectorError, client_meta, secret_matches
 from appmanager.request import HttpError, RequestReader
 
 if TYPE_CHECKING:
@@ -192,13 +192,20 @@ class Connection:
         request = reader.request
         assert request is not None
         fields = request.connector or {}
-        client = fields.get(b"!~client")
-        self.meta = (client_meta(client) if client else None) or self.base_meta
         app = fields.get(b"!~app")
+        trusted = app is not None and secret_matches(fields, self.core.connector_secret)
+        client = fields.get(b"!~client") if trusted else None
+        self.meta = (client_meta(client) if client else None) or self.base_meta
         if app is None:
             group = self.core.pool.find_group(request)
             reason = "no app is configured for this host and path"
             status = 404
+        elif not trusted:
+            # Only the web server that started the core (or was given its secret) may name apps.
+            log.warning("refused a request with connector fields but without the core's secret")
+            group = None
+            reason = "connector fields without the core's secret"
+            status = 403
         else:
             try:
                 group = self.core.connector_apps.group_for(app)

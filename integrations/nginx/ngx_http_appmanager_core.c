@@ -69,6 +69,11 @@ ngx_http_appmanager_init_core(ngx_cycle_t *cycle)
     if (mcf == NULL || !mcf->used || mcf->values[AM_S_CORE_SOCKET] != NULL) {
         /* a reload may leave a core started before with nothing to do */
         ngx_http_appmanager_release_core(cycle);
+
+        if (mcf != NULL && mcf->used) {
+            ngx_http_appmanager_read_secret(cycle, mcf);
+        }
+
         return NGX_OK;
     }
 
@@ -77,11 +82,86 @@ ngx_http_appmanager_init_core(ngx_cycle_t *cycle)
                       "appmanager: using the core started before "
                       "(pid %P) on %V", core.pid, &core.path);
 
-        return ngx_http_appmanager_set_socket(cycle->pool, cycle->log, mcf,
-                                              &core.path);
+        if (ngx_http_appmanager_set_socket(cycle->pool, cycle->log, mcf,
+                                           &core.path)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        ngx_http_appmanager_read_secret(cycle, mcf);
+        return NGX_OK;
     }
 
-    return ngx_http_appmanager_start_core(cycle, mcf);
+    if (ngx_http_appmanager_start_core(cycle, mcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    ngx_http_appmanager_read_secret(cycle, mcf);
+    return NGX_OK;
+}
+
+
+/*
+ * The core writes a secret next to its socket, readable by its own user only
+ * (docs/protocol/connector.md); requests that name an app must carry it, so
+ * that a process running as the workers' user cannot pose as nginx. The master
+ * reads it here, before the workers are forked with it.
+ */
+void
+ngx_http_appmanager_read_secret(ngx_cycle_t *cycle,
+    ngx_http_appmanager_main_conf_t *mcf)
+{
+    u_char     *p, buf[128];
+    ssize_t     n;
+    ngx_fd_t    fd;
+    ngx_str_t   name;
+
+    ngx_str_null(&mcf->secret_line);
+
+    name.len = mcf->socket_path.len + sizeof(".secret") - 1;
+    name.data = ngx_pnalloc(cycle->pool, name.len + 1);
+    if (name.data == NULL) {
+        return;
+    }
+
+    p = ngx_cpymem(name.data, mcf->socket_path.data, mcf->socket_path.len);
+    ngx_memcpy(p, ".secret", sizeof(".secret"));
+
+    fd = ngx_open_file(name.data, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
+    if (fd == NGX_INVALID_FILE) {
+        ngx_log_error(NGX_LOG_WARN, cycle->log, ngx_errno,
+                      "appmanager: cannot read the core's secret \"%V\"; "
+                      "the core will refuse requests (403)", &name);
+        return;
+    }
+
+    n = read(fd, buf, sizeof(buf));
+    (void) ngx_close_file(fd);
+
+    while (n > 0 && (buf[n - 1] == LF || buf[n - 1] == CR || buf[n - 1] == ' '))
+    {
+        n--;
+    }
+
+    if (n <= 0 || n >= (ssize_t) sizeof(buf)) {
+        ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
+                      "appmanager: the core's secret \"%V\" is malformed",
+                      &name);
+        return;
+    }
+
+    mcf->secret_line.len = sizeof("!~Secret: ") - 1 + n + sizeof(CRLF) - 1;
+    mcf->secret_line.data = ngx_pnalloc(cycle->pool, mcf->secret_line.len);
+    if (mcf->secret_line.data == NULL) {
+        mcf->secret_line.len = 0;
+        return;
+    }
+
+    p = ngx_cpymem(mcf->secret_line.data, "!~Secret: ",
+                   sizeof("!~Secret: ") - 1);
+    p = ngx_cpymem(p, buf, n);
+    *p++ = CR; *p = LF;
 }
 
 

@@ -196,10 +196,12 @@ ngx_http_appmanager_create_request(ngx_http_request_t *r)
     ngx_connection_t                *c;
     ngx_http_upstream_t             *u;
     ngx_http_appmanager_loc_conf_t  *alcf;
+    ngx_http_appmanager_main_conf_t *amcf;
 
     u = r->upstream;
     c = r->connection;
     alcf = ngx_http_get_module_loc_conf(r, ngx_http_appmanager_module);
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_appmanager_module);
 
     app = alcf->app_line;
 
@@ -286,7 +288,7 @@ ngx_http_appmanager_create_request(ngx_http_request_t *r)
     len += sizeof("!~Client: ") - 1 + c->addr_text.len + 1 + NGX_INT_T_LEN
            + 1 + server->len + 1 + NGX_INT_T_LEN + sizeof(" https" CRLF) - 1;
 
-    len += app.len + sizeof(CRLF) - 1;
+    len += app.len + sizeof(CRLF) - 1 + amcf->secret_line.len;
 
     b = ngx_create_temp_buf(r->pool, len);
     if (b == NULL) {
@@ -353,6 +355,7 @@ ngx_http_appmanager_create_request(ngx_http_request_t *r)
                     (ngx_uint_t) server_port, https ? "https" : "http");
 
     p = ngx_copy(p, app.data, app.len);
+    p = ngx_copy(p, amcf->secret_line.data, amcf->secret_line.len);
     *p++ = CR; *p++ = LF;
 
     b->last = p;

@@ -72,6 +72,13 @@ typedef struct {
     struct sockaddr_un             sockaddr;
     socklen_t                      socklen;
 
+    /*
+     * "!~Secret: <the core's secret>\r\n", read by the master from the file
+     * next to the socket (workers cannot read it); empty when unreadable, and
+     * then the core refuses the requests.
+     */
+    ngx_str_t                      secret_line;
+
     /* our own upstream "block": it only points nginx at our peer functions */
     ngx_http_upstream_srv_conf_t  *upstream;
 
@@ -126,6 +133,8 @@ ngx_int_t ngx_http_appmanager_init_peer_cache(ngx_cycle_t *cycle);
 
 /* core.c */
 ngx_int_t ngx_http_appmanager_init_core(ngx_cycle_t *cycle);
+void ngx_http_appmanager_read_secret(ngx_cycle_t *cycle,
+    ngx_http_appmanager_main_conf_t *mcf);
 
 
 #endif /* _NGX_HTTP_APPMANAGER_MODULE_H_INCLUDED_ */

@@ -60,12 +60,19 @@ class CoreUnderTest:
         for line in self.proc.stdout:
             banner.append(line)
             if line.startswith("Serving"):
+                self.secret = (self.dir / "connector.sock.secret").read_text().strip()
                 return
         self.proc.wait()
         raise AssertionError(f"core did not start: {''.join(banner)}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def ask(
+        self, sock: socket.socket, reader: HttpReader, *args: str | None, **kw: object
+    ) -> Response:
+        """One request with this core's secret (see ``ask``)."""
+        return ask(sock, reader, *args, secret=self.secret, **kw)  # type: ignore[arg-type]
 
     def connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -104,13 +111,14 @@ def ask(
     path: str,
     app: str | None,
     *,
+    secret: str,
     client: str = CLIENT,
     method: str = "GET",
     body: bytes = b"",
     extra: str = "",
 ) -> Response:
     """One request on a kept-alive connector connection."""
-    fields = f"!~App: {app}\r\n!~Client: {client}\r\n" if app is not None else ""
+    fields = f"!~App: {app}\r\n!~Client: {client}\r\n!~Secret: {secret}\r\n" if app else ""
     length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
     head = f"{method} {path} HTTP/1.1\r\nHost: shop.example\r\n{extra}{fields}{length}\r\n"
     sock.sendall(head.encode("latin-1") + body)
@@ -120,7 +128,9 @@ def ask(
 def test_app_and_client_fields_reach_the_app_and_nothing_else(core: CoreUnderTest) -> None:
     with core.connect() as sock:
         reader = HttpReader(sock)
-        resp = ask(sock, reader, "/some/path?q=1&r=%20", app_field("wsgi_echo"), body=b"x" * 10)
+        resp = core.ask(
+            sock, reader, "/some/path?q=1&r=%20", app_field("wsgi_echo"), body=b"x" * 10
+        )
     assert resp.status == 200, resp.body
     environ = json.loads(resp.body)
     assert environ["REMOTE_ADDR"] == "203.0.113.7"
@@ -140,11 +150,13 @@ def test_one_connection_carries_requests_for_python_ruby_and_node_apps(
     with core.connect() as sock:
         reader = HttpReader(sock)
         for _ in range(3):
-            flask = ask(sock, reader, "/", app_field("flask_app"))
+            flask = core.ask(sock, reader, "/", app_field("flask_app"))
             assert flask.status == 200 and b"Hello from Flask" in flask.body
-            rack = ask(sock, reader, "/conformance?x=1", app_field("echo_rack"), body=b"rb")
+            rack = core.ask(sock, reader, "/conformance?x=1", app_field("echo_rack"), body=b"rb")
             assert rack.status == 200 and json.loads(rack.body)["query"] == "x=1"
-            node = ask(sock, reader, "/n?y=2", app_field("echo_node"), method="POST", body=b"js")
+            node = core.ask(
+                sock, reader, "/n?y=2", app_field("echo_node"), method="POST", body=b"js"
+            )
             assert node.status == 200, node.body
             seen = json.loads(node.body)
             assert seen["url"] == "/n?y=2"
@@ -157,16 +169,16 @@ def test_one_connection_carries_requests_for_python_ruby_and_node_apps(
 def test_changed_settings_start_new_processes_and_retire_the_old(core: CoreUnderTest) -> None:
     with core.connect() as sock:
         reader = HttpReader(sock)
-        first = ask(
+        first = core.ask(
             sock, reader, "/app/env?GREETING", app_field("wsgi_echo", env_var="GREETING=one")
         )
         assert first.body == b"one"
         old_pid = int(
-            ask(sock, reader, "/app/pid", app_field("wsgi_echo", env_var="GREETING=one")).body
+            core.ask(sock, reader, "/app/pid", app_field("wsgi_echo", env_var="GREETING=one")).body
         )
         changed = app_field("wsgi_echo", env_var="GREETING=two")
-        assert ask(sock, reader, "/app/env?GREETING", changed).body == b"two"
-        assert int(ask(sock, reader, "/app/pid", changed).body) != old_pid
+        assert core.ask(sock, reader, "/app/env?GREETING", changed).body == b"two"
+        assert int(core.ask(sock, reader, "/app/pid", changed).body) != old_pid
     deadline = time.monotonic() + 15
     while psutil.pid_exists(old_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -189,16 +201,26 @@ def test_a_bad_app_field_is_answered_500_naming_the_setting(
 ) -> None:
     with core.connect() as sock:
         reader = HttpReader(sock)
-        resp = ask(sock, reader, "/", app)
+        resp = core.ask(sock, reader, "/", app)
         assert resp.status == 500
         assert named.encode() in resp.body
         # The connection stays usable for the next request.
-        assert ask(sock, reader, "/", app_field("flask_app")).status == 200
+        assert core.ask(sock, reader, "/", app_field("flask_app")).status == 200
+
+
+@pytest.mark.parametrize("secret", ["", "0" * 32])
+def test_connector_fields_without_the_secret_are_refused(core: CoreUnderTest, secret: str) -> None:
+    with core.connect() as sock:
+        resp = ask(sock, HttpReader(sock), "/", app_field("flask_app"), secret=secret)
+    assert resp.status == 403
+    assert "without the core's secret" in core.log()
+    secret_file = core.dir / "connector.sock.secret"
+    assert stat.S_IMODE(os.stat(secret_file).st_mode) == 0o600
 
 
 def test_a_request_without_app_field_finds_no_app(core: CoreUnderTest) -> None:
     with core.connect() as sock:
-        resp = ask(sock, HttpReader(sock), "/", None)
+        resp = core.ask(sock, HttpReader(sock), "/", None)
     assert resp.status == 404
 
 
@@ -230,7 +252,8 @@ import socket, sys
 sock = socket.socket(socket.AF_UNIX)
 sock.settimeout(20)
 sock.connect(sys.argv[1])
-sock.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n!~App: " + sys.argv[2].encode() + b"\\r\\n\\r\\n")
+fields = "!~App: %s\\r\\n!~Secret: %s\\r\\n" % (sys.argv[2], sys.argv[3])
+sock.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n" + fields.encode() + b"\\r\\n")
 try:
     data = sock.recv(100)
 except ConnectionResetError:
@@ -241,7 +264,7 @@ print(data[:12].decode() or "closed")
 
 def _as_nobody(core: CoreUnderTest) -> str:
     result = subprocess.run(
-        ["/usr/bin/python3", "-c", PEER, str(core.socket), app_field("flask_app")],
+        ["/usr/bin/python3", "-c", PEER, str(core.socket), app_field("flask_app"), core.secret],
         user="nobody",
         capture_output=True,
         text=True,
@@ -283,7 +306,7 @@ def test_the_core_stops_when_its_lifeline_closes(tmp_path: Path) -> None:
     )
     os.close(read_end)
     with core.connect() as sock:
-        assert ask(sock, HttpReader(sock), "/", app_field("flask_app")).status == 200
+        assert core.ask(sock, HttpReader(sock), "/", app_field("flask_app")).status == 200
     apps = psutil.Process(core.proc.pid).children(recursive=True)
     assert apps
     os.close(write_end)

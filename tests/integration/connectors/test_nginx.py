@@ -28,6 +28,8 @@ AS_ROOT = os.geteuid() == 0
 
 FakeSetup = Callable[..., tuple[NginxServer, FakeCore]]
 
+FAKE_SECRET = "5ec2e7" * 4
+
 
 @pytest.fixture
 def fake(nginx: NginxFactory) -> Iterator[FakeSetup]:
@@ -45,6 +47,8 @@ def fake(nginx: NginxFactory) -> Iterator[FakeSetup]:
     ) -> tuple[NginxServer, FakeCore]:
         site = nginx.site()
         core = FakeCore(site / "core.sock", respond)
+        # The secret a real core writes next to its socket; the master reads it at start.
+        (site / "core.sock.secret").write_text(f"{FAKE_SECRET}\n")
         cores.append(core)
         body = (
             "server {\n    listen LISTEN;\n    server_name localhost;\n"
@@ -230,7 +234,8 @@ def test_the_request_reaches_the_core_as_the_protocol_says(fake: FakeSetup) -> N
     site = core.path.parent
     switching = "&user_switching=off" if AS_ROOT else ""
     assert received.header("!~App") == f"app_root={site}/app{switching}"
-    assert [n for n in names if n.startswith("!~")] == ["!~client", "!~app"]
+    assert received.header("!~Secret") == FAKE_SECRET
+    assert [n for n in names if n.startswith("!~")] == ["!~client", "!~app", "!~secret"]
 
 
 def test_a_client_without_host_gets_the_server_name_and_no_body_no_length(
