@@ -202,6 +202,45 @@ static const char *am_wait_for_socket(apr_pool_t *p, am_core_state *st, const ch
                         (long)st->proc.pid, path);
 }
 
+/* The core's connector secret (connector.md): the core writes it next to its socket, readable
+ * by its own user only, before the socket accepts. Apache's master (root, or the core's user)
+ * reads it here; its children send it with every request. NULL in *secret: a core without one. */
+static const char *am_read_secret(apr_pool_t *pconf, apr_pool_t *ptemp, const char *socket,
+                                  const char **secret)
+{
+    const char *path = apr_pstrcat(ptemp, socket, ".secret", NULL);
+    char buf[256];
+    apr_size_t len = sizeof(buf) - 1;
+    apr_file_t *f;
+    apr_status_t rv;
+    char *text;
+
+    *secret = NULL;
+    rv = apr_file_open(&f, path, APR_FOPEN_READ, APR_FPROT_OS_DEFAULT, ptemp);
+    if (APR_STATUS_IS_ENOENT(rv)) {
+        return NULL;
+    }
+    if (rv == APR_SUCCESS) {
+        rv = apr_file_read(f, buf, &len);
+        apr_file_close(f);
+    }
+    if (rv != APR_SUCCESS) {
+        char err[120];
+        return apr_psprintf(ptemp,
+                            "cannot read the core's secret %s: %s (Apache must start as root or "
+                            "as the core's user)",
+                            path, apr_strerror(rv, err, sizeof(err)));
+    }
+    buf[len] = '\0';
+    text = apr_pstrdup(pconf, buf);
+    apr_collapse_spaces(text, text);
+    if (!*text) {
+        return apr_psprintf(ptemp, "the core's secret %s is empty", path);
+    }
+    *secret = text;
+    return NULL;
+}
+
 static int am_core_alive(am_core_state *st)
 {
     int status;
@@ -248,6 +287,9 @@ static void am_core_maintenance(int reason, void *data, int status)
             apr_proc_other_child_unregister(launch);
             apr_proc_other_child_register(&st->proc, am_core_maintenance, launch, NULL,
                                           launch->server->process->pconf);
+            /* The new core has a new secret, which the children must send: a graceful restart
+             * reads it (once the core listens) and gives it to new children. */
+            kill(getpid(), AP_SIG_GRACEFUL);
         }
     }
     apr_pool_destroy(p);
@@ -356,7 +398,7 @@ const char *am_core_ensure(apr_pool_t *pconf, apr_pool_t *ptemp, server_rec *s,
             am_forget_core(st);
         }
         info->socket = settings->value[AM_S_CORE_SOCKET];
-        return NULL;
+        return am_read_secret(pconf, ptemp, info->socket, &info->secret);
     }
 
     launch = apr_pcalloc(pconf, sizeof(*launch));
@@ -369,6 +411,10 @@ const char *am_core_ensure(apr_pool_t *pconf, apr_pool_t *ptemp, server_rec *s,
         /* A changed AppManagerInstanceDir waits for Apache's next start, like the other
          * settings of the core: a new core (should this one die) stays where this one is. */
         launch->argv = am_core_argv(pconf, settings, socket, am_parent_dir(pconf, socket));
+        /* (It may have just been restarted: see am_core_maintenance.) */
+        if ((err = am_wait_for_socket(ptemp, st, socket)) != NULL) {
+            return err;
+        }
         ap_log_error(APLOG_MARK, APLOG_INFO, 0, s,
                      "mod_appmanager: the appmanager core (pid %ld) serves on at %s",
                      (long)st->proc.pid, socket);
@@ -379,7 +425,13 @@ const char *am_core_ensure(apr_pool_t *pconf, apr_pool_t *ptemp, server_rec *s,
             if (apr_temp_dir_get(&tmp, ptemp) != APR_SUCCESS) {
                 tmp = "/tmp";
             }
-            instance_dir = apr_psprintf(pconf, "%s/appmanager-apache.%ld", tmp, (long)getpid());
+            /* A name nobody can take first: the core refuses a directory of another user. */
+            char *made = apr_pstrcat(pconf, tmp, "/appmanager-apache.XXXXXX", NULL);
+            if (mkdtemp(made) == NULL) {
+                return apr_psprintf(ptemp, "cannot create the core's instance directory %s: %s",
+                                    made, strerror(errno));
+            }
+            instance_dir = made;
         }
         socket = apr_pstrcat(s->process->pool, instance_dir, "/connector.sock", NULL);
         if (strlen(socket) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
@@ -400,5 +452,5 @@ const char *am_core_ensure(apr_pool_t *pconf, apr_pool_t *ptemp, server_rec *s,
     }
     apr_proc_other_child_register(&st->proc, am_core_maintenance, launch, NULL, pconf);
     info->socket = socket;
-    return NULL;
+    return am_read_secret(pconf, ptemp, socket, &info->secret);
 }

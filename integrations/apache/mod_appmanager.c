@@ -39,8 +39,9 @@ APLOG_USE_MODULE(appmanager);
  * Apache closes first and never sends a request on a connection the core is closing. */
 #define AM_POOL_TTL 60
 
-/* The socket of the core for this configuration, set in post_config. */
+/* The socket of the core for this configuration, and its secret, set in post_config. */
 static const char *am_socket;
+static const char *am_secret;
 /* mod_env, whose SetEnv variables go to the app's environment (am_setenv_fields). */
 static module *am_env_module;
 
@@ -286,9 +287,9 @@ static int am_fixups(request_rec *r)
     return OK;
 }
 
-/* mod_proxy_http's last look at the head it sends (r->headers_in is its copy here): the client's
- * own Host, and X-Forwarded-* and Via as the client sent them, for the core passes the client's
- * headers to the app unchanged (connector.md). */
+/* mod_proxy_http's last look at the head it sends (r->headers_in is its copy here): the core's
+ * secret, the client's own Host, and X-Forwarded-* and Via as the client sent them, for the core
+ * passes the client's headers to the app unchanged (connector.md). */
 static int am_proxy_fixups(request_rec *r)
 {
     static const char *const added[] = {"X-Forwarded-For", "X-Forwarded-Host",
@@ -308,6 +309,11 @@ static int am_proxy_fixups(request_rec *r)
         host = r->server->server_hostname ? r->server->server_hostname : "localhost";
     }
     apr_table_setn(r->headers_in, "Host", host);
+    /* Only in the head sent to the core, never in the request's own headers (which other
+     * modules may log or pass on). */
+    if (am_secret != NULL) {
+        apr_table_setn(r->headers_in, "!~Secret", am_secret);
+    }
     for (name = added; *name; name++) {
         apr_table_unset(r->headers_in, *name);
     }
@@ -421,6 +427,7 @@ static int am_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp
 
     (void)plog;
     am_socket = NULL;
+    am_secret = NULL;
     am_env_module = ap_find_linked_module("mod_env.c");
 
     /* Apache reads its configuration twice when it starts, and only the second reading runs
@@ -437,6 +444,7 @@ static int am_post_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp
         return HTTP_INTERNAL_SERVER_ERROR;
     }
     am_socket = info.socket;
+    am_secret = info.secret;
     if ((err = am_define_workers(pconf, s, proxy_module_p)) != NULL) {
         ap_log_error(APLOG_MARK, APLOG_EMERG, 0, s, "mod_appmanager: %s", err);
         return HTTP_INTERNAL_SERVER_ERROR;

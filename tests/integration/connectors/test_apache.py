@@ -273,6 +273,7 @@ def test_forged_connector_fields_are_ignored(site: tuple[ApacheServer, dict]) ->
         "!~App: app_root=%2Fetc&env_var=GREETING%3Dforged\r\n"
         "!~client: 203.0.113.9 1 evil.example 443 https\r\n"
         "!~Other: x\r\n"
+        "!~Secret: 00000000000000000000000000000000\r\n"
     )
     env = json_of(server.get("/echo", host="passenger.test", headers=forged))
     assert env["REMOTE_ADDR"] == "127.0.0.1" and env["SERVER_NAME"] == "passenger.test"
@@ -410,7 +411,9 @@ def test_stop_stops_the_core_and_its_apps(apache: ApacheFactory) -> None:
     assert core is not None and server.proc is not None
     cmdline = core.cmdline()
     instance = Path(cmdline[cmdline.index("--instance-dir") + 1])
-    assert instance == Path(f"/tmp/appmanager-apache.{server.proc.pid}")
+    assert re.fullmatch(r"/tmp/appmanager-apache\.\w{6}", str(instance)), instance
+    secret = instance / "connector.sock.secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
     user = worker_user()
     if user is not None:
         assert cmdline[cmdline.index("--connector-user") + 1] == user[0]
@@ -420,9 +423,30 @@ def test_stop_stops_the_core_and_its_apps(apache: ApacheFactory) -> None:
         server.stop()
         for proc in [core, *apps]:
             assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-        assert not (instance / "connector.sock").exists()
+        assert not instance.exists()
     finally:
         shutil.rmtree(instance, ignore_errors=True)
+
+
+def test_a_core_that_dies_is_replaced(apache: ApacheFactory) -> None:
+    app = copy_app("wsgi_echo", apache.site())
+    server = apache.start(vhost("echo.test", app / "public"))
+    assert server.get("/app/pid", host="echo.test").status == 200
+    core = server.core()
+    assert core is not None
+    # A core that dies within 5 s of starting is not replaced (it would die again).
+    time.sleep(max(0.0, core.create_time() + 5.2 - time.time()))
+    before = server.error_log().count("resuming normal operations")
+    core.kill()
+    deadline = time.monotonic() + 30
+    # The new core has a new secret: Apache restarts gracefully to give it to its children.
+    while server.error_log().count("resuming normal operations") == before:
+        assert time.monotonic() < deadline, server.logs()
+        time.sleep(0.05)
+    assert "exited with signal 9; starting a new one" in server.error_log()
+    new_core = server.core()
+    assert new_core is not None and new_core.pid != core.pid
+    assert server.get("/app/pid", host="echo.test").status == 200
 
 
 def test_core_that_cannot_start_fails_apache_start(apache: ApacheFactory) -> None:
