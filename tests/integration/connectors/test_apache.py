@@ -498,6 +498,7 @@ def test_apache_config_output_runs(apache: ApacheFactory, tmp_path: Path) -> Non
     echo = copy_app("wsgi_echo", base, {"hello.txt": "static\n"})
     sinatra = copy_app("sinatra_app", base)
     flask = copy_app("flask_app", base)
+    shutil.rmtree(flask / "public")  # an app without static files
     toml = base / "appmanager.toml"
     toml.write_text(
         "max_pool_size = 4\n"
