@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from appmanager import balancer, errors, spawner
 from appmanager.config import AppConfig
 from appmanager.metrics import AppMetrics
-from appmanager.process_node import NodeProcess
 from appmanager.spawnerror import SpawnError
 from appmanager.states import ProcessState
 
@@ -52,7 +51,8 @@ class Group:
         self._base = app.base_uri.encode()
         # The type the app's shim reported (a Python app becomes wsgi or asgi once it booted).
         self.app_type = app.spec.app_type
-        # Node apps take whole connections; every other type takes one request at a time.
+        # Node apps take whole connections, and so do ASGI apps once a process said it takes
+        # them (READY); the others take one request at a time.
         self.per_connection = app.spec.app_type == "node"
         method = self.settings["spawn_method"]
         self.smart = app.spec.language in ("python", "ruby") and method != "direct"
@@ -175,8 +175,14 @@ class Group:
 
     def _hand(self, proc: Process, conn: Connection, request: Request | bytes) -> bool:
         if isinstance(request, bytes):
-            assert isinstance(proc, NodeProcess)
-            return proc.handoff_connection(conn, request)
+            if proc.takes_connections:
+                return proc.handoff_connection(conn, request)
+            # The app no longer takes whole connections (an ASGI app that became a WSGI one
+            # across a restart): the core reads this connection's requests again.
+            conn.buf[:0] = request
+            conn.busy = False
+            conn._next_request()
+            return True
         return proc.handoff(conn, request, self.pool.keep_alive(request))
 
     def cancel_wait(self, conn: Connection) -> None:
@@ -195,17 +201,29 @@ class Group:
         status: int | None = None,
         size: int | None = None,
     ) -> None:
-        """A process finished a request: serve the wait-list first, then the connection's next."""
-        if self.pool.access_log is not None and session.head:
-            self.pool.log_access(session.conn, session.head, status, size)
-        if not self.per_connection:
+        """A process finished a request (or a whole connection closed): serve the wait-list
+        first, then the connection's next."""
+        if session.head:
+            if self.pool.access_log is not None:
+                self.pool.log_access(session.conn, session.head, status, size)
             self.metrics.observe(time.monotonic() - session.started)
-        if proc.request_limit and proc.processed >= proc.request_limit:
-            proc.retire(f"served {proc.processed} requests (max_requests)")
-            self.replace_soon()
-        else:
+        if not self._over_request_limit(proc):
             self.serve_waiting(proc)
         session.conn.on_response_done(keep)
+
+    def on_requests_counted(self, proc: Process, count: int) -> None:
+        """A process that takes whole connections reports ``count`` more requests served."""
+        self.metrics.requests += count
+        self._over_request_limit(proc)
+
+    def _over_request_limit(self, proc: Process) -> bool:
+        """Retire ``proc`` when it has served its max_requests (staggered); True if so."""
+        if not proc.request_limit or proc.processed < proc.request_limit:
+            return False
+        if proc.state is ProcessState.READY:
+            proc.retire(f"served {proc.processed} requests (max_requests)")
+            self.replace_soon()
+        return True
 
     def replace_soon(self) -> None:
         """A process is being retired: start its successor now if the limits allow, so that
@@ -309,6 +327,10 @@ class Group:
             # together.
             proc.request_limit = limit + random.randint(0, limit // 10)
         self.processes.append(proc)
+        if proc.takes_connections:
+            self.per_connection = True
+        elif self.spec.app_type != "node":
+            self.per_connection = False
         proc.start_serving()
         self.pool.emit("spawned", app=self.name, pid=proc.pid)
         self.pool.on_process_ready(self)
@@ -470,11 +492,11 @@ class Group:
             self.pool.remove_group(self)
 
     def busy(self) -> bool:
-        """Are requests waiting or in flight? (Connections a Node process holds between requests
-        do not count: its shim closes them when it stops.)"""
+        """Are requests waiting or in flight? (Whole connections a process holds do not count:
+        its shim finishes their requests and closes them when it stops.)"""
         if self.wait_list:
             return True
-        return not self.per_connection and any(p.sessions for p in self.processes)
+        return any(s.head for p in self.processes for s in p.sessions.values())
 
     def verify_invariants(self) -> None:
         limit = self.settings["max_request_queue_size"]

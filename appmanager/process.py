@@ -2,7 +2,9 @@
 
 This module holds the handoff data path (``docs/protocol/handoff.md``): sending a request with the
 client's descriptor, reading ``D`` messages back, and what happens to in-flight requests when the
-process dies.
+process dies. A process that says ``"connections": true`` in READY (ASGI) also takes whole
+connections (``C``), reports them closed (``X``), counts their requests (``N``) and reports their
+responses for the access log (``L``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from appmanager.request import Request, body_fd
+from appmanager.request import INLINE_LIMIT, Request, body_fd
 from appmanager.session import Session
+from appmanager.slots import ConnectionSlots
 from appmanager.states import ProcessState, transition
 
 if TYPE_CHECKING:
@@ -33,6 +36,16 @@ log = logging.getLogger("appmanager")
 # and then before KILL.
 STOP_GRACE = 10.0
 KILL_GRACE = 5.0
+
+# Control messages from processes land here: one buffer for all, each message is handled before
+# the next is read. Large enough for the longest L message (three fields of up to 8 KiB).
+_RECV = bytearray(65536)
+_RECV_VIEW = memoryview(_RECV)
+_D, _X, _N, _L = 0x44, 0x58, 0x4E, 0x4C
+# A connection's slot (handoff.md, "Whole connections"): the request number, shifted left by two,
+# and its state; RECEIVED: a request arrived and its response has not begun.
+SLOT_STATE = 3
+SLOT_RECEIVED = 1
 
 
 class Process:
@@ -79,6 +92,11 @@ class Process:
         self._lost = False
         self._loop = asyncio.get_running_loop()
         self._kill_timer: asyncio.TimerHandle | None = None
+        # Whole connections (READY said "connections": true): their slots, and each one's slot
+        # by its session's seq.
+        self.takes_connections = False
+        self.slots: ConnectionSlots | None = None
+        self._slots: dict[int, int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -96,12 +114,16 @@ class Process:
         self._loop.add_reader(self.pidfd, self._on_exit)
 
     def stop(self) -> None:
-        """Retire the process: no new requests; once idle, close its channel so it exits."""
+        """Retire the process: no new requests; once idle, close its channel so it exits. One
+        that holds whole connections is told at once (EOF on a half-closed channel), so that it
+        closes those idle between requests; it still reports on the channel until it exits."""
         if self.state in (ProcessState.STOPPING, ProcessState.EXITED):
             return
         transition(self, ProcessState.STOPPING)  # READY/SPAWNING -> STOPPING
         if not self.sessions:
             self._close_channel()
+        elif self.takes_connections and self._slots:
+            self._half_close_channel()
 
     def retire(self, reason: str) -> None:
         """Stop taking requests and stop once the current ones are done, saying why."""
@@ -135,6 +157,16 @@ class Process:
         """Close the control channel: EOF tells the shim to exit; TERM, then KILL, follow if
         it does not."""
         self._close_control()
+        if self._kill_timer is None and self.state is not ProcessState.EXITED:
+            self._kill_timer = self._loop.call_later(STOP_GRACE, self._terminate)
+
+    def _half_close_channel(self) -> None:
+        """Shut down the core's side of the channel: EOF tells the shim to stop, and it can still
+        report what it finishes; TERM, then KILL, follow if it does not exit."""
+        try:
+            self.ctl.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
         if self._kill_timer is None and self.state is not ProcessState.EXITED:
             self._kill_timer = self._loop.call_later(STOP_GRACE, self._terminate)
 
@@ -208,18 +240,19 @@ class Process:
         # One message per wake-up: the loop is level-triggered and calls again while more are
         # queued, and reading until EAGAIN would cost an extra syscall on every request.
         try:
-            msg = self.ctl.recv(256)
+            nbytes = self.ctl.recv_into(_RECV)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            msg = b""
-        if not msg:
+            nbytes = 0
+        if not nbytes:
             self._lost_channel()
             return
-        if msg[0:2] != b"D ":
-            log.error("process %d sent an unknown message %r", self.pid, msg[:40])
+        kind = _RECV[0]
+        if kind != _D or _RECV[1] != 0x20:
+            self._on_connection_message(kind, bytes(_RECV_VIEW[:nbytes]))
             return
-        fields = msg.split(b" ")
+        fields = bytes(_RECV_VIEW[:nbytes]).split(b" ")
         session = self.sessions.pop(int(fields[1]), None)
         if session is None:
             log.error("process %d reported unknown request %s", self.pid, fields[1])
@@ -232,6 +265,121 @@ class Process:
         self.group.on_session_done(self, session, fields[2].startswith(b"k"), status, size)
         if self.state is ProcessState.STOPPING and not self.sessions:
             self._close_channel()
+
+    # -- whole connections -----------------------------------------------------------------------
+
+    def handoff_connection(self, conn: Connection, data: bytes) -> bool:
+        """Give the whole connection to the process (``C``), with the bytes already read from it
+        (at least a request head). False when the process is already gone."""
+        assert self.slots is not None
+        self.seq += 1
+        seq = self.seq
+        # Bytes the client sent while the request waited for a process go along too.
+        if conn.buf:
+            data += bytes(conn.buf)
+            conn.buf.clear()
+        slot = self.slots.take()
+        # Request 1 has arrived: should the process die before it reads the message, 502.
+        self.slots.write(slot, 1 << 2 | SLOT_RECEIVED)
+        inline = len(data) <= INLINE_LIMIT
+        header = b"C %d %d %s %s %d\n" % (seq, slot, b"-" if inline else b"F", conn.meta, len(data))
+        data_fd = -1
+        try:
+            if inline:
+                self.ctl.sendmsg([header, data], conn.ancillary)
+            else:
+                # A SEQPACKET message must fit the socket's buffer: a long start goes as a file.
+                data_fd = os.memfd_create("appmanager-connection", os.MFD_CLOEXEC)
+                os.write(data_fd, data)
+                fds = struct.pack("ii", conn.fd, data_fd)
+                self.ctl.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError as exc:
+            log.warning("process %d: handoff failed: %s", self.pid, exc)
+            self.slots.free(slot)
+            self._lost_channel()
+            return False
+        finally:
+            if data_fd >= 0:
+                os.close(data_fd)
+        self._slots[seq] = slot
+        self.sessions[seq] = Session(seq, conn, self)
+        self.last_used = time.monotonic()
+        conn.give_away()
+        return True
+
+    def _on_connection_message(self, kind: int, msg: bytes) -> None:
+        """``X``, ``N`` or ``L`` from a process that takes whole connections."""
+        try:
+            if kind == _X:
+                _, seq, count = msg.split(b" ")
+                self._count_requests(int(count))
+                self._connection_closed(int(seq))
+            elif kind == _N:
+                self._count_requests(int(msg[2:]))
+            elif kind == _L:
+                self._log_response(msg)
+            else:
+                log.error("process %d sent an unknown message %r", self.pid, msg[:40])
+        except ValueError:
+            log.error("process %d sent a malformed message %r", self.pid, msg[:80])
+
+    def _count_requests(self, count: int) -> None:
+        """Requests served on the process's connections (N, X): max_requests counts them."""
+        if count <= 0:
+            return
+        self.processed += count
+        self.last_used = time.monotonic()
+        self.group.on_requests_counted(self, count)
+
+    def _connection_closed(self, seq: int) -> None:
+        slot = self._slots.pop(seq, None)
+        if slot is not None and self.slots is not None:
+            self.slots.free(slot)
+        session = self.sessions.pop(seq, None)
+        if session is None:
+            return
+        self.group.on_session_done(self, session, False)
+        if self.state is ProcessState.STOPPING and not self.sessions:
+            self._close_channel()
+
+    def _log_response(self, msg: bytes) -> None:
+        """``L <seq> <status> <bytes>``, then the request line, the referer and the user agent,
+        a line each: one response on a connection, for the access log."""
+        first, _, rest = msg.partition(b"\n")
+        _, seq, status, size = first.split(b" ")
+        session = self.sessions.get(int(seq))
+        if session is None:
+            return
+        request, referer, agent = (rest.split(b"\n") + [b"", b""])[:3]
+        self.group.pool.log_access_line(
+            session.conn,
+            request.decode("latin-1") or "-",
+            int(status) if status.isdigit() and 100 <= int(status) <= 999 else None,
+            int(size) if size.isdigit() else None,
+            referer.decode("latin-1") or None,
+            agent.decode("latin-1") or None,
+        )
+
+    def oldest_request(self, now: float) -> float:
+        """When the oldest request in flight began (``now`` when none): a ``Q`` request from
+        its handoff; one on a whole connection from the first sweep that saw its number in the
+        connection's slot, marked RECEIVED or RESPONDING."""
+        oldest = now
+        slots = self.slots
+        for session in self.sessions.values():
+            if not session.head:
+                slot = self._slots.get(session.seq)
+                if slot is None or slots is None or slots.width != 8:
+                    continue  # Node's slots say nothing of when a request began
+                value = slots.read(slot)
+                if not value & SLOT_STATE:
+                    session.mark = -1
+                    continue
+                if value != session.mark:
+                    session.mark = value
+                    session.started = now
+            oldest = min(oldest, session.started)
+        return oldest
 
     # -- death -----------------------------------------------------------------------------------
 
@@ -250,10 +398,17 @@ class Process:
         self.group.on_process_lost(self, had_sessions=bool(sessions))
 
     def _answer_lost(self, sessions: list[Session]) -> None:
-        """Answer the requests a dead process held: 502 where its response had not begun."""
+        """Answer the requests a dead process held: 502 where its response had not begun (504
+        when the reaper killed it for taking too long). A whole connection gets it when its slot
+        says a request had arrived; otherwise it is closed."""
         started = self._started_seq()
         status = 504 if self.timed_out else 502
         for session in sessions:
+            slot = self._slots.pop(session.seq, None)
+            if slot is not None and self.slots is not None:
+                state = self.slots.read(slot) & SLOT_STATE
+                session.conn.on_process_lost(state != SLOT_RECEIVED, status)
+                continue
             response_started = session.seq == started
             session.conn.on_process_lost(response_started=response_started, status=status)
             if not response_started:

@@ -16,7 +16,6 @@ import base64
 import collections
 import json
 import logging
-import os
 import socket
 import struct
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from appmanager import errors
 from appmanager.process import Process
 from appmanager.relay import ResponseState, relay_response, send_request
 from appmanager.session import Session
+from appmanager.slots import ConnectionSlots
 
 if TYPE_CHECKING:
     from appmanager.front import Connection
@@ -41,6 +41,8 @@ MAX_LINE = 1024 * 1024
 
 class NodeProcess(Process):
     """A Node process: sessions are the connections it holds (no limit on how many)."""
+
+    slots: ConnectionSlots
 
     def __init__(
         self,
@@ -57,9 +59,9 @@ class NodeProcess(Process):
             collections.deque()
         )
         self._writing = False
-        self._free_slots: list[int] = []
-        self._next_slot = 0
-        self._slots: dict[int, int] = {}  # seq -> slot
+        # A byte per connection, from offset 0 (handoff.md, "Node").
+        self.takes_connections = True
+        self.slots = ConnectionSlots(progress_fd, 0, 1)
         # Requests relayed over a socketpair (connectors), by seq, until the shim reports
         # the socketpair closed.
         self._relays: dict[int, _Relay] = {}
@@ -154,13 +156,17 @@ class NodeProcess(Process):
         """Give the whole connection to the process, with the bytes already read from it."""
         self.seq += 1
         seq = self.seq
-        slot = self._take_slot()
+        # Bytes the client sent while the request waited for a process go along too.
+        if conn.buf:
+            data += bytes(conn.buf)
+            conn.buf.clear()
+        slot = self.slots.take()
         line = self._conn_message(conn, seq, slot, data)
         try:
             self._send(line, conn.ancillary)
         except OSError as exc:
             log.warning("process %d: handoff failed: %s", self.pid, exc)
-            self._free_slots.append(slot)
+            self.slots.free(slot)
             self._lost_channel()
             return False
         self._slots[seq] = slot
@@ -173,7 +179,7 @@ class NodeProcess(Process):
         docstring)."""
         self.seq += 1
         seq = self.seq
-        slot = self._take_slot()
+        slot = self.slots.take()
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))]
@@ -183,7 +189,7 @@ class NodeProcess(Process):
             log.warning("process %d: handoff failed: %s", self.pid, exc)
             ours.close()
             theirs.close()
-            self._free_slots.append(slot)
+            self.slots.free(slot)
             self._lost_channel()
             return False
         self._slots[seq] = slot
@@ -290,17 +296,10 @@ class NodeProcess(Process):
         self._writing = False
         self._loop.remove_writer(self.ctl.fileno())
 
-    def _take_slot(self) -> int:
-        if self._free_slots:
-            return self._free_slots.pop()
-        slot = self._next_slot
-        self._next_slot += 1
-        return slot
-
     def _connection_closed(self, seq: int) -> None:
         slot = self._slots.pop(seq, None)
         if slot is not None:
-            self._free_slots.append(slot)
+            self.slots.free(slot)
         if self._relays.pop(seq, None) is not None:
             return  # a relayed request: its relay task finished the session
         session = self.sessions.pop(seq, None)
@@ -312,32 +311,27 @@ class NodeProcess(Process):
             self._close_channel()
 
     def _answer_lost(self, sessions: list[Session]) -> None:
-        """A connection whose request had arrived but whose response had not begun gets 502;
-        the others are closed."""
+        """A connection whose request had arrived but whose response had not begun gets 502
+        (its slot says so, or its relay had no response head yet); the others are closed."""
+        connections = []
         for session in sessions:
             relay = self._relays.pop(session.seq, None)
-            if relay is not None:
-                relay.task.cancel()
-                started = relay.state.headers_done
-                session.conn.on_process_lost(response_started=started, status=502)
-                if not started:
-                    self.group.pool.log_access(session.conn, session.head, 502, 0)
+            if relay is None:
+                connections.append(session)
                 continue
-            slot = self._slots.pop(session.seq, None)
-            state = b""
-            if slot is not None:
-                try:
-                    state = os.pread(self.progress_fd, 1, slot)
-                except OSError:
-                    pass
-            session.conn.on_process_lost(response_started=state != b"\x01", status=502)
+            self._slots.pop(session.seq, None)
+            relay.task.cancel()
+            started = relay.state.headers_done
+            session.conn.on_process_lost(response_started=started, status=502)
+            if not started:
+                self.group.pool.log_access(session.conn, session.head, 502, 0)
+        super()._answer_lost(connections)
 
-    def stop(self) -> None:
-        """Node keeps connections open between requests: closing the channel asks the shim to
-        stop taking requests and close them once idle."""
-        super().stop()
-        if self.sessions:
-            self._close_channel()
+    def _half_close_channel(self) -> None:
+        """Node's channel is a stream that Node reads as a whole: closing it is how the shim is
+        told to stop taking requests and to close its connections once idle (its reports are
+        not needed: the core closes what it still holds when the process exits)."""
+        self._close_channel()
 
 
 class _Relay:

@@ -60,13 +60,14 @@ class Reaper:
 
     def _request_time(self, group: Group, now: float) -> None:
         limit = group.settings["max_request_time"]
-        # A Node process holds whole connections: the core cannot see when a request started.
-        if not limit or group.per_connection:
+        if not limit:
             return
         for proc in list(group.processes):
             if proc.state not in (ProcessState.READY, ProcessState.STOPPING) or proc.timed_out:
                 continue
-            oldest = min((s.started for s in proc.sessions.values()), default=now)
+            # Requests on whole connections are timed from their slots, except Node's, whose
+            # slots do not say when a request began.
+            oldest = proc.oldest_request(now)
             if now - oldest > limit:
                 log.warning(
                     "process %d killed: a request took longer than %g s (max_request_time)",

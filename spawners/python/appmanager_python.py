@@ -35,7 +35,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     # Run as a script, the shim imports its modules from its own directory; mypy, run from the
@@ -85,6 +85,10 @@ class SpawnConfig:
     # The core's pid, which a forked process may find as its parent once the preloader is gone;
     # None when SPAWN does not say (then it is the preloader's parent).
     core_pid: int | None
+    # For the connections an ASGI process serves whole (handoff.md): whether the core keeps an
+    # access log (each response is reported), and its max_requests (how often requests are).
+    access_log: bool = False
+    max_requests: int = 0
 
     @classmethod
     def from_message(cls, message: bytes) -> SpawnConfig:
@@ -110,6 +114,8 @@ class SpawnConfig:
                 app_name=str(data.get("app_name", "")),
                 spawn_method=str(data.get("spawn_method") or "direct"),
                 core_pid=int(data["core_pid"]) if data.get("core_pid") else None,
+                access_log=data.get("access_log") is True,
+                max_requests=int(data.get("max_requests") or 0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"SPAWN message lacks or mangles a key: {exc!r}") from None
@@ -346,9 +352,19 @@ def main() -> int:
     try:
         if forked is not None:
             preloader.run_after_fork_hook(module)
-        worker = server(
-            control, progress_fd, app, config.base_uri, config.environment == "development"
-        )
+        development = config.environment == "development"
+        if app_type == "asgi":
+            worker: WsgiWorker | AsgiWorker = cast("type[AsgiWorker]", server)(
+                control,
+                progress_fd,
+                app,
+                config.base_uri,
+                development,
+                access_log=config.access_log,
+                max_requests=config.max_requests,
+            )
+        else:
+            worker = server(control, progress_fd, app, config.base_uri, development)
         # The app's own start-up (an ASGI app's lifespan) is part of loading it, or, in a forked
         # process, of getting ready to listen.
         worker.startup()
@@ -356,12 +372,14 @@ def main() -> int:
         worker.listen()
     except BaseException as exc:
         return fail(control, step, exc)
-    ready = {
+    ready: dict[str, Any] = {
         "pid": os.getpid(),
         "concurrency": worker.concurrency,
         "protocol": PROTOCOL,
         "app_type": app_type,
     }
+    if worker.takes_connections:
+        ready["connections"] = True
     try:
         send_message(control, "READY", ready)
     except OSError as exc:

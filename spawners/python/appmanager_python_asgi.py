@@ -288,7 +288,9 @@ class HttpCycle:
         self,
         worker: Worker,
         seq: int,
-        fds: list[int],
+        fd: int,
+        body_fd: int,
+        writer: ClientWriter,
         scope: Scope,
         body: bytes,
         body_len: int,
@@ -299,9 +301,10 @@ class HttpCycle:
     ) -> None:
         self.worker = worker
         self.seq = seq
-        self.fd = fds[0]
-        self.body_fd = fds[1] if len(fds) > 1 else -1
-        self.writer = ClientWriter(self.fd, worker.loop)
+        self.fd = fd
+        # The file holding the body (flag F), or -1 when the body came inline.
+        self.body_fd = body_fd
+        self.writer = writer
         self.scope = scope
         self.body = body
         self.body_len = body_len
@@ -345,9 +348,17 @@ class HttpCycle:
             self.close()
 
     def close(self) -> None:
-        """Lets go of the request: descriptors, waiting receive() calls, then ``D``, with the
-        status and body size once the response began."""
-        keep = b"k" if self.keep_alive and self.finished and not self.writer.pending else b"c"
+        """Lets go of the request: waiting receive() calls, then what ``release`` does."""
+        keep = self.keep_alive and self.finished and not self.writer.pending
+        self.finished = True
+        self.body_sent = self.body_len
+        self.release_waiters()
+        self.worker.cycles.discard(self)
+        self.release(keep)
+
+    def release(self, keep: bool) -> None:
+        """The end of a request handed over with ``Q``: its descriptors closed, then ``D``, with
+        the status and body size once the response began."""
         self.writer.close()
         os.close(self.fd)
         if self.body_fd >= 0:
@@ -355,15 +366,11 @@ class HttpCycle:
         # A task the app left behind may still hold send and receive: the numbers of closed
         # descriptors may already belong to another request's, so nothing may touch them.
         self.writer.fd = self.fd = self.body_fd = -1
-        self.finished = True
-        self.body_sent = self.body_len
-        self.release_waiters()
-        worker = self.worker
-        worker.cycles.discard(self)
+        flag = b"k" if keep else b"c"
         if self.sent < 0:
-            worker.reply(b"D %d %b" % (self.seq, keep))
+            self.worker.reply(b"D %d %b" % (self.seq, flag))
         else:
-            worker.reply(b"D %d %b %d %d" % (self.seq, keep, self.status, self.sent))
+            self.worker.reply(b"D %d %b %d %d" % (self.seq, flag, self.status, self.sent))
 
     async def receive(self) -> Message:
         """The request body as ``http.request`` messages, then ``http.disconnect`` once the
@@ -483,11 +490,15 @@ class HttpCycle:
     def send_first(self, data: bytes, count: int) -> None:
         """Writes the response's first bytes, the head and ``count`` bytes of body; the progress
         file says so first."""
-        # handoff.md: the core reads this only if the process dies holding the request.
-        os.pwrite(self.worker.progress_fd, _pack_seq(self.seq), 0)
+        self.mark_started()
         self.started = True
         self.writer.write(data)
         self.sent = count
+
+    def mark_started(self) -> None:
+        """The progress file says the response begins (handoff.md: the core reads it only if
+        the process dies holding the request)."""
+        os.pwrite(self.worker.progress_fd, _pack_seq(self.seq), 0)
 
     def send_whole(self, body: bytes) -> None:
         """Sends a response whose body is known in full: head and body in one write."""
@@ -755,11 +766,16 @@ class Worker:
 
     Created in step LOAD_APP once the app is loaded; lives until EOF on the control channel or
     SIGTERM, then lets the requests in flight finish and runs the lifespan shutdown. Each request
-    in flight is an HttpCycle (or a WebSocket cycle) in ``cycles``, which owns its descriptors.
+    handed over with ``Q`` is an HttpCycle (or a WebSocket cycle) in ``cycles``, which owns its
+    descriptors; each connection handed over whole with ``C`` is an HttpConnection in
+    ``connections`` (``appmanager_python_http.py``), which owns its descriptor and runs its
+    requests' cycles.
     """
 
     # READY's "concurrency": unlimited.
     concurrency = 0
+    # READY's "connections": whole connections (C messages) are served too.
+    takes_connections = True
 
     def __init__(
         self,
@@ -768,6 +784,8 @@ class Worker:
         app: ASGIApp,
         base_uri: str,
         development: bool,
+        access_log: bool = False,
+        max_requests: int = 0,
     ) -> None:
         self.control = control
         self.control_fd = control.fileno()
@@ -793,6 +811,23 @@ class Worker:
         self.stopped: asyncio.Future[None] = self.loop.create_future()
         self.stopping = False
         self.control_broken = False
+        # Whole connections (C): the core keeps an access log, so each response is reported (L).
+        self.access_log = access_log
+        self.connections: set[httpconn.HttpConnection] = set()
+        # The connections' slots of the progress file (the process is forked by now, if it is).
+        self.slots = httpconn.ProgressSlots(progress_fd)
+        # Requests served on connections and not reported yet (N, X); a report goes out every
+        # report_every, so that the core's max_requests overshoots by a tenth at most.
+        self.unreported = 0
+        every = httpconn.REPORT_EVERY
+        self.report_every = max(1, min(every, max_requests // 10)) if max_requests else every
+        # One read buffer for every connection: what is read is parsed before the next read.
+        self.read_view = memoryview(bytearray(httpconn.READ_SIZE))
+        self.read_buffers = [self.read_view]
+        # Seconds since the first connection, counted by the sweep that times connections out.
+        self.tick = 0
+        self.sweeper: asyncio.TimerHandle | None = None
+        self.connections_gone: asyncio.Future[None] | None = None
 
     def startup(self) -> None:
         """The app's start-up before READY: the lifespan startup; raises StartupFailed."""
@@ -820,9 +855,17 @@ class Worker:
         for cycle in list(self.cycles):
             if isinstance(cycle, websocket.WebSocketCycle):
                 cycle.going_away()
+        # Idle connections close now, busy ones once their responses are out.
+        for connection in list(self.connections):
+            connection.stop()
         tasks = [cycle.task for cycle in self.cycles if cycle.task is not None]
         if tasks:
             await asyncio.wait(tasks)
+        if self.connections:
+            self.connections_gone = self.loop.create_future()
+            await self.connections_gone
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         await self.lifespan.shutdown()
         await self.flush_replies()
 
@@ -840,10 +883,15 @@ class Worker:
         loop.close()
 
     def on_sigterm(self) -> None:
-        """Serves what the core already sent, then stops."""
+        """Serves what the core already sent, then stops. A second SIGTERM (the core's, after
+        its grace) lets go of the connections that no request holds any more."""
         if not self.stopping:
             self.on_control(drain=True)
-        self.stop()
+            self.stop()
+            return
+        for connection in list(self.connections):
+            if connection.active is None:
+                connection.finish()
 
     def stop(self) -> None:
         """Takes no more requests; serve() finishes those in flight and returns."""
@@ -876,10 +924,17 @@ class Worker:
             self.take(nbytes, msg_flags, _received_fds(ancdata))
 
     def take(self, nbytes: int, msg_flags: int, fds: list[int]) -> None:
-        """Starts serving one ``Q`` message; a message it cannot read is answered ``D c``."""
+        """Starts serving one ``Q`` message (or ``C``: a whole connection); a message it cannot
+        read is answered ``D c`` (``X``)."""
+        connection = self.buffer[0] == 0x43  # C
         try:
-            request = _read_request(self.buffer, self.view, nbytes, msg_flags, len(fds))
-            cycle = self.cycle(request, fds)
+            if connection:
+                handed = httpconn.read_connection(
+                    self, self.buffer, self.view, nbytes, msg_flags, fds
+                )
+            else:
+                request = _read_request(self.buffer, self.view, nbytes, msg_flags, len(fds))
+                cycle = self.cycle(request, fds)
         except Exception as exc:
             for fd in fds:
                 os.close(fd)
@@ -887,11 +942,15 @@ class Worker:
             if seq is None:
                 log(f"ignoring unreadable control message {bytes(self.view[:80])!r}")
                 return
+            what = "connection" if connection else "request"
             if isinstance(exc, ProtocolError):
-                log(f"request {seq}: protocol error: {exc}")
+                log(f"{what} {seq}: protocol error: {exc}")
             else:
-                log(f"request {seq}: internal error:\n{traceback.format_exc()}")
-            self.reply(b"D %d c" % seq)
+                log(f"{what} {seq}: internal error:\n{traceback.format_exc()}")
+            self.reply(b"X %d 0" % seq if connection else b"D %d c" % seq)
+            return
+        if connection:
+            httpconn.HttpConnection(self, *handed)
             return
         self.cycles.add(cycle)
         cycle.task = start_task(self.loop, cycle.run())
@@ -941,12 +1000,6 @@ class Worker:
         if body_len or has_length:
             headers.append((b"content-length", b"%d" % body_len))
 
-        raw_path, _, query = target.partition(b"?")
-        if raw_path[:1] != b"/":
-            raw_path = handoff.absolute_form_path(raw_path)
-        path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode(
-            "utf-8", "replace"
-        )
         http_version = _HTTP_VERSIONS.get(version) or version.decode("latin-1")[5:]
         client = (raddr.decode(), int(rport))
         server = self.servers.get(saddr + sport)
@@ -962,30 +1015,56 @@ class Worker:
                 self,
                 seq,
                 fds,
-                {
-                    "type": "websocket",
-                    "asgi": {"version": ASGI_VERSION, "spec_version": SPEC_VERSION},
-                    "http_version": http_version,
-                    "scheme": "wss" if scheme_name == "https" else "ws",
-                    "path": path,
-                    "raw_path": raw_path,
-                    "query_string": query,
-                    "root_path": self.root_path,
-                    "headers": headers,
-                    "client": client,
-                    "server": server,
-                    "subprotocols": websocket.subprotocols(headers),
-                    "state": self.state.copy(),
-                },
+                self.websocket_scope(target, http_version, headers, client, server, scheme_name),
                 method,
                 ClientWriter(fds[0], self.loop),
             )
-        scope = {
+        scope = self.http_scope(method, target, http_version, headers, client, server, scheme_name)
+        http11 = version == b"HTTP/1.1"
+        # An upgrade this server does not speak is served as a plain request; the core closes
+        # the connection after the D (handoff.md).
+        keep_alive = (
+            b"K" in flags and not upgrading and not client_close and (http11 or client_keepalive)
+        )
+        return HttpCycle(
+            self,
+            seq,
+            fds[0],
+            fds[1] if len(fds) > 1 else -1,
+            ClientWriter(fds[0], self.loop),
+            scope,
+            body,
+            body_len,
+            method == b"HEAD",
+            http11,
+            client_keepalive,
+            keep_alive,
+        )
+
+    def http_scope(
+        self,
+        method: bytes,
+        target: bytes,
+        http_version: str,
+        headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int],
+        server: tuple[str, int],
+        scheme: str,
+    ) -> Scope:
+        """The scope of an HTTP request: ``target`` as the request line has it, header names in
+        lowercase."""
+        raw_path, _, query = target.partition(b"?")
+        if raw_path[:1] != b"/":
+            raw_path = handoff.absolute_form_path(raw_path)
+        path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode(
+            "utf-8", "replace"
+        )
+        return {
             "type": "http",
             "asgi": {"version": ASGI_VERSION, "spec_version": SPEC_VERSION},
             "http_version": http_version,
             "method": _METHODS.get(method) or method.decode("latin-1"),
-            "scheme": scheme_name,
+            "scheme": scheme,
             # The whole path, the root path included, as the ASGI spec has it (frameworks take
             # the root path off themselves; WSGI's PATH_INFO is what is left).
             "path": path,
@@ -998,24 +1077,71 @@ class Worker:
             "state": self.state.copy(),
             "extensions": {"http.response.pathsend": {}},
         }
-        http11 = version == b"HTTP/1.1"
-        # An upgrade this server does not speak is served as a plain request; the core closes
-        # the connection after the D (handoff.md).
-        keep_alive = (
-            b"K" in flags and not upgrading and not client_close and (http11 or client_keepalive)
+
+    def websocket_scope(
+        self,
+        target: bytes,
+        http_version: str,
+        headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int],
+        server: tuple[str, int],
+        scheme: str,
+    ) -> Scope:
+        """The scope of a WebSocket handshake (``scheme`` is the HTTP one: http or https)."""
+        raw_path, _, query = target.partition(b"?")
+        if raw_path[:1] != b"/":
+            raw_path = handoff.absolute_form_path(raw_path)
+        path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode(
+            "utf-8", "replace"
         )
-        return HttpCycle(
-            self,
-            seq,
-            fds,
-            scope,
-            body,
-            body_len,
-            method == b"HEAD",
-            http11,
-            client_keepalive,
-            keep_alive,
-        )
+        return {
+            "type": "websocket",
+            "asgi": {"version": ASGI_VERSION, "spec_version": SPEC_VERSION},
+            "http_version": http_version,
+            "scheme": "wss" if scheme == "https" else "ws",
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": query,
+            "root_path": self.root_path,
+            "headers": headers,
+            "client": client,
+            "server": server,
+            "subprotocols": websocket.subprotocols(headers),
+            "state": self.state.copy(),
+        }
+
+    # -- whole connections (C) -----------------------------------------------------------------
+
+    def add_connection(self, connection: httpconn.HttpConnection) -> None:
+        """A connection handed over whole begins; connections need the sweep that times them
+        out."""
+        if self.sweeper is None:
+            self.sweeper = self.loop.call_later(1.0, self.sweep)
+        self.connections.add(connection)
+
+    def connection_closed(self, connection: httpconn.HttpConnection) -> None:
+        """``X``, with the requests not reported yet; the last connection of a stopping process
+        lets it go on stopping."""
+        self.connections.discard(connection)
+        self.reply(b"X %d %d" % (connection.seq, self.unreported))
+        self.unreported = 0
+        gone = self.connections_gone
+        if not self.connections and gone is not None and not gone.done():
+            gone.set_result(None)
+
+    def count_request(self) -> None:
+        """One more request served on a connection; ``N`` once enough add up."""
+        self.unreported += 1
+        if self.unreported >= self.report_every:
+            self.reply(b"N %d" % self.unreported)
+            self.unreported = 0
+
+    def sweep(self) -> None:
+        """Once a second: the tick that connections measure quiet time in, and their timeouts."""
+        self.tick += 1
+        for connection in list(self.connections):
+            connection.sweep(self.tick)
+        self.sweeper = self.loop.call_later(1.0, self.sweep)
 
     def server_address(self, addr: bytes, port: bytes) -> tuple[str, int]:
         server = (addr.decode(), int(port))
@@ -1064,3 +1190,10 @@ class Worker:
         deadline = self.loop.time() + REPLY_FLUSH_TIMEOUT
         while self.replies and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
+
+
+# The connection server subclasses HttpCycle, so it is imported once this module is complete.
+if TYPE_CHECKING:
+    from spawners.python import appmanager_python_http as httpconn
+else:
+    import appmanager_python_http as httpconn  # noqa: E402

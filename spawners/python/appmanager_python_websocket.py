@@ -276,6 +276,7 @@ class WebSocketCycle:
         scope: dict[str, Any],
         method: bytes,
         writer: ClientWriter,
+        initial: bytes = b"",
     ) -> None:
         self.worker = worker
         self.loop = worker.loop
@@ -291,6 +292,9 @@ class WebSocketCycle:
         self.waiter: asyncio.Future[None] | None = None
         self.disconnect: Message | None = None
         self.frames = FrameReader(MAX_MESSAGE_SIZE)
+        # The client's first bytes after the handshake when they were read with it (a
+        # connection the process reads itself); fed to ``frames`` once the connection is open.
+        self.initial = initial
         self.reading = False
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.close_timer: asyncio.TimerHandle | None = None
@@ -351,17 +355,23 @@ class WebSocketCycle:
             self.send_close(CLOSE_NORMAL, "")  # OPEN -> CLOSING
 
     def close(self) -> None:
-        """Lets go of the connection: reader, writer, descriptors, then ``D c``."""
+        """Lets go of the connection: reader, waiting receive() calls, then what ``release``
+        does."""
         if self.state is not State.CLOSED:
             self.transition(State.CLOSED)
+        self.wake()
+        self.worker.cycles.discard(self)
+        self.release()
+
+    def release(self) -> None:
+        """The end of a connection handed over with ``Q`` and flag ``U``: its writer and
+        descriptors closed, then ``D c``."""
         self.writer.close()
         for fd in self.fds:
             os.close(fd)
         # The numbers of closed descriptors may soon belong to another request's.
         self.writer.fd = self.fd = -1
         self.fds = []
-        self.wake()
-        self.worker.cycles.discard(self)
         if self.status:
             self.worker.reply(b"D %d c %d %d" % (self.seq, self.status, self.sent))
         else:
@@ -432,10 +442,14 @@ class WebSocketCycle:
     def send_first(self, data: bytes, status: int) -> None:
         """Writes the answer to the handshake, with its ``status``; the progress file says so
         first."""
-        # handoff.md: the core reads this only if the process dies holding the request.
-        os.pwrite(self.worker.progress_fd, _pack_seq(self.seq), 0)
+        self.mark_started()
         self.writer.write(data)
         self.status = status
+
+    def mark_started(self) -> None:
+        """The progress file says the answer begins (handoff.md: the core reads it only if the
+        process dies holding the request)."""
+        os.pwrite(self.worker.progress_fd, _pack_seq(self.seq), 0)
 
     def write_frame(self, opcode: int, payload: bytes) -> None:
         """Writes one frame to the client (counted for the access log)."""
@@ -480,6 +494,10 @@ class WebSocketCycle:
         if not self.reading:
             self.reading = True
             self.loop.add_reader(self.fd, self.on_readable)
+            if self.initial:
+                # Frames that came with the handshake, read before the connection was ours.
+                data, self.initial = self.initial, b""
+                self.loop.call_soon(self.on_data, data)
 
     def stop_reading(self) -> None:
         if self.reading:
@@ -497,6 +515,12 @@ class WebSocketCycle:
         if not data:
             self.lost()
             return
+        self.on_data(data)
+
+    def on_data(self, data: bytes) -> None:
+        """Acts on every frame the client's bytes complete."""
+        if not self.reading:
+            return  # frames that came with the handshake, once the connection is over
         try:
             events = self.frames.feed(data)
             for opcode, payload in events:

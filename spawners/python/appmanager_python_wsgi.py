@@ -478,6 +478,8 @@ class Worker:
 
     # READY's "concurrency": one request at a time.
     concurrency = 1
+    # Requests only (Q): whole connections are for processes that serve many at once.
+    takes_connections = False
 
     def __init__(
         self,

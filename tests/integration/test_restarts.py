@@ -1,5 +1,6 @@
 """Restarts without losing a request: under steady load from many clients, each kind of restart of
-a Python, a Ruby and a Node app fails zero requests and leaves no old process behind."""
+a Python (WSGI and ASGI), a Ruby and a Node app fails zero requests and leaves no old process
+behind; so does a graceful stop."""
 
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ class Load(Clients):
 
 APPS_BY_LANGUAGE = {
     "python": "wsgi_echo",
+    # ASGI processes take whole connections: a restart closes them between requests.
+    "asgi": "echo_asgi",
     "ruby": "echo_rack",
     "node": "echo_node",
 }
@@ -270,8 +273,9 @@ class FreshLoad(Clients):
                 sock.close()
 
 
-def test_graceful_shutdown_under_load_fails_no_accepted_request(server_factory) -> None:
-    server = server_factory(APPS / "wsgi_echo", "--min-instances", "2", "--max-pool-size", "4")
+@pytest.mark.parametrize("app", ["wsgi_echo", "echo_asgi"])
+def test_graceful_shutdown_under_load_fails_no_accepted_request(server_factory, app: str) -> None:
+    server = server_factory(APPS / app, "--min-instances", "2", "--max-pool-size", "4")
     load = FreshLoad(server.port)
     load.start()
     try:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,7 +251,7 @@ class Shim:
         core_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         core_end.settimeout(TIMEOUT)
         progress_path = self.progress_path.with_name(f"progress-{seq}")
-        progress_path.write_bytes(bytes(8))
+        progress_path.write_bytes(bytes(8 + 8 * 64))
         progress_fd = os.open(progress_path, os.O_RDWR | os.O_CLOEXEC)
         try:
             command = b"FORK " + json.dumps({"seq": seq}).encode()
@@ -403,6 +403,73 @@ class Shim:
         )
         return Result(done, response, raw, status, size)
 
+    def hand_connection(
+        self,
+        connection: Connection,
+        data: bytes,
+        *,
+        slot: int = 0,
+        scheme: str = "http",
+        in_file: bool = False,
+    ) -> int:
+        """Hands a whole connection to the shim with ``C``, with ``data`` as the bytes the core
+        read from it (handoff.md, "Whole connections"); returns its seq. As the core does, the
+        slot says request 1 has arrived first."""
+        self.seq += 1
+        with open(self.progress_path, "r+b") as f:
+            f.seek(8 + 8 * slot)
+            f.write(struct.pack("<Q", 1 << 2 | 1))
+        fds = [connection.server.fileno()]
+        inline = data
+        data_fd = -1
+        if in_file:
+            data_fd = os.memfd_create("data")
+            os.write(data_fd, data)
+            fds.append(data_fd)
+            inline = b""
+        line = (
+            f"C {self.seq} {slot} {'F' if in_file else '-'} 192.0.2.7 54321 127.0.0.1 8000 "
+            f"{scheme} {len(data)}\n"
+        ).encode()
+        try:
+            socket.send_fds(self.control, [line + inline], fds)
+        finally:
+            if data_fd >= 0:
+                os.close(data_fd)
+        # The shim holds the connection now; the core keeps its copy, as the test does.
+        return self.seq
+
+    def next_report(self, connections: Sequence[Connection] = ()) -> str:
+        """The next message on the control channel (X, N, L or D), reading the clients' ends
+        meanwhile so that responses cannot stall."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            readable: list[Any] = [self.control]
+            readable += [c.client for c in connections if c.client.fileno() != -1]
+            ready, _, _ = select.select(readable, [], [], 0.5)
+            for connection in connections:
+                if connection.client in ready:
+                    connection.pump()
+            if self.control in ready:
+                message = self.control.recv(1 << 16).decode("latin-1")
+                self.replies.append(message)
+                return message
+        raise AssertionError(f"no message within {TIMEOUT} s:\n{self.log()}")
+
+    def wait_report(self, prefix: str, connections: Sequence[Connection] = ()) -> str:
+        """The next message starting with ``prefix`` (others are kept in ``replies``)."""
+        while True:
+            message = self.next_report(connections)
+            if message.startswith(prefix):
+                return message
+
+    def slot(self, slot: int) -> tuple[int, int]:
+        """A connection's slot: the request number and its state (0 idle, 1 received, 2
+        responding)."""
+        data = self.progress_path.read_bytes()[8 + 8 * slot : 16 + 8 * slot]
+        value: int = struct.unpack("<Q", data)[0]
+        return value >> 2, value & 3
+
     def progress(self) -> int:
         value: int = struct.unpack("<Q", self.progress_path.read_bytes()[:8])[0]
         return value
@@ -428,7 +495,8 @@ def start_shim(directory: Path, extra_env: dict[str, str] | None = None) -> Shim
     # The core raises its send buffer so that a 256 KiB inline body fits in one message.
     core_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     progress_path = directory / "progress"
-    progress_path.write_bytes(bytes(8))
+    # The seq of the Q path, then 64 connection slots (the core's file has more).
+    progress_path.write_bytes(bytes(8 + 8 * 64))
     progress_fd = os.open(progress_path, os.O_RDWR | os.O_CLOEXEC)
     log_path = directory / "shim.log"
     control_fd = shim_end.fileno()

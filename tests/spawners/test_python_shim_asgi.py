@@ -240,7 +240,7 @@ def open_websocket(
 # The handshake and the choice between WSGI and ASGI
 
 
-def test_ready_says_asgi_and_unlimited_concurrency(spawn: Any) -> None:
+def test_ready_says_asgi_unlimited_concurrency_and_whole_connections(spawn: Any) -> None:
     shim, tag, payload = spawn({"app.py": ECHO_ASGI.read_text()}, "app.py", app_type="python")
     assert tag == "READY"
     assert payload == {
@@ -248,6 +248,7 @@ def test_ready_says_asgi_and_unlimited_concurrency(spawn: Any) -> None:
         "concurrency": 0,
         "protocol": 1,
         "app_type": "asgi",
+        "connections": True,
     }
 
 

@@ -398,7 +398,13 @@ def test_an_asgi_process_runs_the_lifespan_itself(preload: Any, tmp_path: Path) 
     shim, _ = preload({"app.py": LIFESPAN_APP}, "app.py", app_type="asgi")
     child, ready = fork_ready(shim)
     pid = child.process.pid
-    assert ready == {"pid": pid, "concurrency": 0, "protocol": 1, "app_type": "asgi"}
+    assert ready == {
+        "pid": pid,
+        "concurrency": 0,
+        "protocol": 1,
+        "app_type": "asgi",
+        "connections": True,
+    }
     assert (root / "startup").read_text() == str(pid)
     assert get(child) == {"pid": pid, "opened_by": pid}
     second, _ = fork_ready(shim)
