@@ -22,13 +22,15 @@ import os
 import re
 from typing import Any, Protocol
 
+# Forces the pure-Python parser even where httptools is installed (then it is not even imported).
+PARSER_ENV = "APPMANAGER_PYTHON_HTTP_PARSER"
+
 try:
+    if os.environ.get(PARSER_ENV) == "python":
+        raise ImportError(f"{PARSER_ENV}=python")
     import httptools
 except ImportError:  # the app's Python may lack it: the pure-Python parser serves instead
     httptools = None  # type: ignore[assignment]
-
-# Forces the pure-Python parser even where httptools is installed.
-PARSER_ENV = "APPMANAGER_PYTHON_HTTP_PARSER"
 # A chunk-size line (with its extensions) longer than this is refused, as the core does.
 MAX_CHUNK_LINE = 1024
 # The pure-Python parser refuses a head that is still incomplete after this many bytes; the
@@ -64,16 +66,9 @@ else:
     UPGRADES = (Upgrade,)
 
 
-def parser_name() -> str:
-    """Which parser ``new_parser`` gives: "httptools" or "python"."""
-    if httptools is None or os.environ.get(PARSER_ENV) == "python":
-        return "python"
-    return "httptools"
-
-
 def new_parser(callbacks: Any) -> Parser:
     """A parser for one connection's requests, reporting to ``callbacks``."""
-    if parser_name() == "httptools":
+    if httptools is not None:
         parser: Parser = httptools.HttpRequestParser(callbacks)
         return parser
     return RequestParser(callbacks)

@@ -2,8 +2,9 @@
 
 Each language has an echo app (``tests/apps/``) that answers ``/conformance`` with the same JSON:
 method, path, query, headers (lowercase names, repeated ones joined with ", "), body length and
-SHA-256. Every test here runs once per language: Python WSGI, Python ASGI, Ruby (Rack), Node and a
-generic app behind the proxy. In CI every runtime is installed and nothing is skipped.
+SHA-256. Every test here runs once per language: Python WSGI, Python ASGI (with httptools, and with
+the shim's pure-Python HTTP parser), Ruby (Rack), Node and a generic app behind the proxy. In CI
+every runtime is installed and nothing is skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from conftest import APPS, HttpReader, Server, connect, request, start_server  #
 LANGUAGES = {
     "wsgi": (APPS / "wsgi_echo", ()),
     "asgi": (APPS / "echo_asgi", ()),
+    # The ASGI server's own parser, as when the app's Python lacks httptools.
+    "asgi-pure-parser": (
+        APPS / "echo_asgi",
+        ("--env-var", "APPMANAGER_PYTHON_HTTP_PARSER=python"),
+    ),
     "ruby": (APPS / "echo_rack", ()),
     "node": (APPS / "echo_node", ()),
     "generic": (APPS / "generic_app", ("--app-start-command", "python3 server.py")),
