@@ -93,7 +93,7 @@ char *am_parent_dir(apr_pool_t *p, const char *path);
 /* am_core.c */
 typedef struct {
     const char *socket; /* where the core listens (ours or AppManagerCoreSocket's) */
-    const char *secret; /* what requests carry in !~Secret; NULL when the core has none */
+    const char *secret; /* what requests carry in !~Secret */
 } am_core_info;
 const char *am_core_ensure(apr_pool_t *pconf, apr_pool_t *ptemp, server_rec *s,
                            const am_dir_conf *settings, am_core_info *info);

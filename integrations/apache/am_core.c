@@ -204,7 +204,7 @@ static const char *am_wait_for_socket(apr_pool_t *p, am_core_state *st, const ch
 
 /* The core's connector secret (connector.md): the core writes it next to its socket, readable
  * by its own user only, before the socket accepts. Apache's master (root, or the core's user)
- * reads it here; its children send it with every request. NULL in *secret: a core without one. */
+ * reads it here, before it forks its children, which send it with every request. */
 static const char *am_read_secret(apr_pool_t *pconf, apr_pool_t *ptemp, const char *socket,
                                   const char **secret)
 {
@@ -218,7 +218,10 @@ static const char *am_read_secret(apr_pool_t *pconf, apr_pool_t *ptemp, const ch
     *secret = NULL;
     rv = apr_file_open(&f, path, APR_FOPEN_READ, APR_FPROT_OS_DEFAULT, ptemp);
     if (APR_STATUS_IS_ENOENT(rv)) {
-        return NULL;
+        return apr_psprintf(ptemp,
+                            "the core listening on %s wrote no secret (%s): is it an appmanager "
+                            "core of the same version as this module?",
+                            socket, path);
     }
     if (rv == APR_SUCCESS) {
         rv = apr_file_read(f, buf, &len);
