@@ -118,6 +118,10 @@ BENCHMARK = Benchmark(
         "mod_passenger: Debian's mod_passenger with `PassengerAppRoot`, "
         "`PassengerAppType wsgi`, `PassengerStartupFile passenger_wsgi.py`, `PassengerPython`, "
         "`PassengerMinInstances 2`, `PassengerMaxPoolSize 2`.",
+        "Connections between Apache and the core, counted with strace over sequential "
+        "keep-alive requests: appmanager's module reuses mod_proxy_http's pooled connections "
+        "(no connect per request); Passenger's module opens a new one to its core for every "
+        "request (socket, connect, close).",
         "New TCP connections per request: the machine's count of opened TCP connections "
         "(ActiveOpens in /proc/net/snmp) over the measured run, divided by the requests; the "
         "connections between Apache and the core (Unix sockets) are not in it.",

@@ -121,7 +121,7 @@ BENCHMARK = Benchmark(
     ),
     chart_footer=(
         "appmanager and gunicorn behind nginx, mod_passenger in Apache; core CPU: the web "
-        "server's processes and the core its module starts"
+        "server + the core its module starts"
     ),
     add_arguments=add_arguments,
     notes=(
@@ -144,6 +144,10 @@ BENCHMARK = Benchmark(
         "mod_passenger: Apache with Passenger's module, as in the Apache section below (event "
         "MPM with Debian's settings, `MaxKeepAliveRequests 100`, so wrk opens a new connection "
         "every 100 requests).",
+        "Connections behind the web server, counted with strace over sequential keep-alive "
+        "requests: nginx's workers reuse their connections to appmanager's core (no connect per "
+        "request); nginx opens a new one to gunicorn per request (socket, connect, close), and "
+        "so does Passenger's Apache module to its core.",
         "New TCP connections per request: the machine's count of opened TCP connections "
         "(ActiveOpens in /proc/net/snmp) over the measured run, divided by the requests; the "
         "connections between the web server and the core or gunicorn (Unix sockets) are not in "
