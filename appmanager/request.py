@@ -338,8 +338,18 @@ class RequestReader:
 
 
 def _without_connector_fields(head: bytes) -> bytes:
+    """The head without ``!~`` fields, and without the connection headers of whoever sent them:
+    a web server's ``Connection: Keep-Alive`` to the core (mod_proxy always writes one) is not
+    the client's, and the app must not see it."""
     lines = head.split(b"\r\n")
-    return b"\r\n".join(line for line in lines if not line.startswith(b"!~"))
+    return b"\r\n".join(
+        line
+        for line in lines
+        if not line.startswith(b"!~") and line.split(b":", 1)[0].lower() not in _HOP_BY_HOP
+    )
+
+
+_HOP_BY_HOP = frozenset((b"connection", b"keep-alive"))
 
 
 def _content_length(values: list[bytes]) -> int:

@@ -253,10 +253,11 @@ sock = socket.socket(socket.AF_UNIX)
 sock.settimeout(20)
 sock.connect(sys.argv[1])
 fields = "!~App: %s\\r\\n!~Secret: %s\\r\\n" % (sys.argv[2], sys.argv[3])
-sock.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n" + fields.encode() + b"\\r\\n")
 try:
+    # Refused at once: the send may fail, or the read find the connection closed.
+    sock.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n" + fields.encode() + b"\\r\\n")
     data = sock.recv(100)
-except ConnectionResetError:
+except (BrokenPipeError, ConnectionResetError):
     data = b""
 print(data[:12].decode() or "closed")
 """
