@@ -209,6 +209,8 @@ class Group:
             self.metrics.observe(time.monotonic() - session.started)
         if not self._over_request_limit(proc):
             self.serve_waiting(proc)
+            if self.pool.starved and not proc.sessions:
+                self.pool.on_process_idle()
         session.conn.on_response_done(keep)
 
     def on_requests_counted(self, proc: Process, count: int) -> None:
@@ -327,10 +329,10 @@ class Group:
             # together.
             proc.request_limit = limit + random.randint(0, limit // 10)
         self.processes.append(proc)
-        if proc.takes_connections:
-            self.per_connection = True
-        elif self.spec.app_type != "node":
-            self.per_connection = False
+        if self.spec.app_type != "node":
+            # An ASGI process takes whole connections when every request is this app's; behind
+            # a host or path routing, a connection's next request could be another app's.
+            self.per_connection = proc.takes_connections and self.pool.takes_every_request(self)
         proc.start_serving()
         self.pool.emit("spawned", app=self.name, pid=proc.pid)
         self.pool.on_process_ready(self)

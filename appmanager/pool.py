@@ -30,6 +30,9 @@ class Pool:
         # the core was started with, not those connectors added.
         self._routable: list[Group] = []
         self._single: Group | None = None
+        # Groups with requests waiting and no process, for which no other app's process was idle
+        # to evict when they needed room: they try again when one becomes idle.
+        self.starved: set[Group] = set()
         self.stopping = False
         # Called whenever processes become ready, fail to start or exit; the core waits on it.
         self.changed: Callable[[], None] = lambda: None
@@ -76,6 +79,12 @@ class Pool:
                 best = group
         return best
 
+    def takes_every_request(self, group: Group) -> bool:
+        """Does ``group`` get every request the listeners receive (the one app, routed by
+        neither host nor path)? Only then may a whole connection go to one of its processes:
+        otherwise a later request on it could be another app's."""
+        return self._single is group
+
     def keep_alive(self, request: Request) -> bool:
         """May the connection stay open after this request's response?"""
         return request.keep_alive and not self.stopping
@@ -116,9 +125,20 @@ class Pool:
             p for g in self.groups if g is not group for p in [g.idlest()] if p is not None
         ]
         if not candidates:
+            # Every process is busy (or its last request's D is still on its way): the group
+            # tries again once one is idle (on_process_idle).
+            self.starved.add(group)
             return
+        self.starved.discard(group)
         victim = min(candidates, key=lambda p: p.last_used)
         victim.retire(f"making room for app {group.name} (max_pool_size)")
+
+    def on_process_idle(self) -> None:
+        """A process finished its last request while groups wait for room: evict it for them."""
+        for group in list(self.starved):
+            self.starved.discard(group)
+            if group.wait_list and not self.stopping:
+                group.replace_soon()
 
     def on_process_ready(self, group: Group) -> None:
         self.changed()

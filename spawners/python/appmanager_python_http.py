@@ -583,7 +583,7 @@ class HttpConnection:
         if self.done or self.lingering:
             return
         active = self.active
-        if active is None and not self.pipeline and not self.in_head:
+        if active is None and not self.pipeline and (self.closing or not self.in_head):
             self.close()
         elif isinstance(active, ConnectionCycle) and not active.started:
             active.keep_alive = False  # its response says so

@@ -146,3 +146,20 @@ def test_max_pool_size_one_keeps_serving_many_connections(server_factory) -> Non
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_beside_other_apps_each_request_reaches_its_own(server_factory, tmp_path: Path) -> None:
+    """Routed by path beside another app, an ASGI app gets its requests one at a time: a
+    connection's next request may be the other app's."""
+    conf = tmp_path / "appmanager.toml"
+    conf.write_text(
+        f'[[app]]\nroot = "{APPS / "wsgi_echo"}"\n\n[[app]]\nroot = "{ECHO}"\nbase_uri = "/asgi"\n'
+    )
+    server = server_factory(None, "--config", str(conf))
+    with connect(server.port) as sock:
+        reader = HttpReader(sock)
+        for _ in range(3):
+            status, body = ask(sock, reader, "/asgi/echo")
+            assert status == 200 and json.loads(body)["root_path"] == "/asgi"
+            status, body = ask(sock, reader, "/wsgi")
+            assert status == 200 and json.loads(body)["PATH_INFO"] == "/wsgi"
