@@ -12,36 +12,32 @@ per set of server names, one ``<Location>`` per ``base_uri``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pwd
 import shutil
 import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
-from appmanager import connectorgen, settings
+from appmanager import connectorcli, connectorgen, settings
+from appmanager.connectorbuild import (
+    BuildError,
+    build_key,
+    cached_build,
+    copy_sources,
+    default_core_command,
+)
+from appmanager.connectorconf import (
+    Host,
+    changed_settings,
+    group_hosts,
+    quote,
+    render_template,
+    shown,
+)
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def _integrations_dir() -> Path:
-    """integrations/: package data in a wheel (appmanager/integrations), beside the package in
-    a checkout or an editable install."""
-    for candidate in (PACKAGE_DIR / "integrations", PACKAGE_DIR.parent / "integrations"):
-        if (candidate / "apache").is_dir():
-            return candidate
-    return PACKAGE_DIR.parent / "integrations"
-
-
-# The module's C sources and the generated directive table they include.
-SOURCE_DIR = _integrations_dir() / "apache"
-DEF_PATH = _integrations_dir() / "appmanager_directives.def"
 MODULE_NAME = "mod_appmanager.so"
 # Apache modules the printed configuration loads, when the system has them as files.
 CONFIG_MODULES = (
@@ -57,111 +53,48 @@ CONFIG_MODULES = (
 DEFAULT_MODULES_DIR = "/usr/lib/apache2/modules"
 
 
-class ApacheError(Exception):
-    """The module cannot be built or the configuration cannot be written; the message says why
-    and what to install."""
-
-
-def default_core_command() -> str:
-    """The ``appmanager`` executable of this installation: next to the running interpreter (a
-    virtual environment's bin/), else the one on the PATH."""
-    beside = Path(sys.executable).parent / "appmanager"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("appmanager")
-    return found or "appmanager"
-
-
 def find_apxs() -> str:
-    """The ``apxs`` tool, or ApacheError naming the package that provides it."""
+    """The ``apxs`` tool, or BuildError naming the package that provides it."""
     for name in ("apxs", "apxs2"):
         found = shutil.which(name)
         if found:
             return found
-    raise ApacheError(
+    raise BuildError(
         "apxs not found: building the Apache module needs Apache's development files "
         "(Debian and Ubuntu: apt-get install apache2-dev)"
     )
 
 
-def _sources() -> list[Path]:
-    if not SOURCE_DIR.is_dir():
-        raise ApacheError(f"the module's sources are not in {SOURCE_DIR}")
-    return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".c", ".h"))
-
-
-def _build_key(apxs: str, core_command: str) -> str:
-    """What makes one build differ from another: the sources, the directive table, the core
-    command compiled in, and the Apache it is built for."""
-    digest = hashlib.sha256()
-    for path in [*_sources(), DEF_PATH]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(core_command.encode() + b"\0" + os.path.realpath(apxs).encode())
-    return digest.hexdigest()[:20]
-
-
-def cache_dir() -> Path:
-    """Where built modules are kept: $XDG_CACHE_HOME/appmanager/apache-module (~/.cache)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "appmanager" / "apache-module"
-
-
-def _c_string(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def build_module(output: str | Path | None = None, core_command: str | None = None) -> Path:
     """Build (or find in the cache) ``mod_appmanager.so`` and return its path; with ``output``,
-    a copy in that directory."""
+    a copy in that directory. The build key hashes the sources, the core command compiled in
+    and the Apache it is built for (its apxs)."""
     apxs = find_apxs()
     command = core_command or default_core_command()
-    key = _build_key(apxs, command)
-    cached = cache_dir() / key / MODULE_NAME
-    if not cached.is_file():
-        _compile(apxs, command, cached)
-    if output is None:
-        return cached
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / MODULE_NAME
-    tmp = out_dir / f".{MODULE_NAME}.{os.getpid()}"
-    shutil.copyfile(cached, tmp)
-    os.replace(tmp, target)
-    return target
+    key = build_key("apache", command, os.path.realpath(apxs))
+    return cached_build(
+        "apache", key, MODULE_NAME, lambda build_dir: _compile(apxs, command, build_dir), output
+    )
 
 
-def _compile(apxs: str, core_command: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="appmanager-apache-build.") as build:
-        build_dir = Path(build)
-        for path in _sources():
-            shutil.copy(path, build_dir / path.name)
-        (build_dir / "am_build.h").write_text(
-            "/* Written by `appmanager apache-module build`. */\n"
-            f"#define AM_DEFAULT_CORE_COMMAND {_c_string(core_command)}\n"
+def _compile(apxs: str, core_command: str, build_dir: Path) -> Path:
+    module_dir = copy_sources("apache", build_dir)
+    # A C string literal escapes the same characters as a directive argument.
+    (module_dir / "am_build.h").write_text(
+        "/* Written by `appmanager apache-module build`. */\n"
+        f"#define AM_DEFAULT_CORE_COMMAND {quote(core_command)}\n"
+    )
+    sources = sorted(p.name for p in module_dir.glob("*.c"))
+    # The directive table is included from the sources' parent directory.
+    cmd = [apxs, "-c", "-o", "mod_appmanager.la", f"-I{build_dir}", "-Wc,-Wall", *sources]
+    result = subprocess.run(cmd, cwd=module_dir, capture_output=True, text=True)
+    built = module_dir / ".libs" / MODULE_NAME
+    if result.returncode != 0 or not built.is_file():
+        raise BuildError(
+            f"building the Apache module failed ({' '.join(cmd)}):\n"
+            + (result.stdout + result.stderr)[-4000:]
         )
-        sources = [p.name for p in _sources() if p.suffix == ".c"]
-        cmd = [
-            apxs,
-            "-c",
-            "-o",
-            "mod_appmanager.la",
-            f"-I{DEF_PATH.parent}",
-            f"-I{build_dir}",
-            "-Wc,-Wall",
-            *sources,
-        ]
-        result = subprocess.run(cmd, cwd=build_dir, capture_output=True, text=True)
-        built = build_dir / ".libs" / MODULE_NAME
-        if result.returncode != 0 or not built.is_file():
-            raise ApacheError(
-                f"building the Apache module failed ({' '.join(cmd)}):\n"
-                + (result.stdout + result.stderr)[-4000:]
-            )
-        # Another build may finish at the same time: each writes its own file, then renames.
-        tmp = target.parent / f".{MODULE_NAME}.{os.getpid()}"
-        shutil.copyfile(built, tmp)
-        os.replace(tmp, target)
+    return built
 
 
 def modules_dir() -> str:
@@ -171,7 +104,7 @@ def modules_dir() -> str:
         out = subprocess.run([apxs, "-q", "LIBEXECDIR"], capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
-    except ApacheError:
+    except BuildError:
         pass
     return DEFAULT_MODULES_DIR
 
@@ -181,21 +114,11 @@ def apache_directive(name: str) -> str:
     return connectorgen.apache_names(settings.BY_NAME[name])[0]
 
 
-def quote(value: str) -> str:
-    """A directive argument as Apache reads it: quoted, with backslashes and quotes escaped."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def _directive_lines(values: dict[str, Any], role: str) -> list[str]:
     """Directives for the settings of ``role`` (``app`` or ``core``) that differ from their
     defaults, in the registry's order."""
     lines = []
-    for setting in connectorgen.directive_settings():
-        if setting.connector_role != role or setting.name in ("app_root", "base_uri"):
-            continue
-        value = values.get(setting.name)
-        if value is None or value == setting.default or value in ((), {}):
-            continue
+    for setting, value in changed_settings(values, role, ("app_root", "base_uri")):
         directive = apache_directive(setting.name)
         if setting.type == "env":
             for env_name, env_value in value.items():
@@ -205,39 +128,12 @@ def _directive_lines(values: dict[str, Any], role: str) -> list[str]:
         elif setting.type == "bool":
             lines.append(f"{directive} {'on' if value else 'off'}")
         else:
-            shown = str(int(value)) if isinstance(value, float) and value.is_integer() else value
-            lines.append(f"{directive} {quote(str(shown))}")
+            lines.append(f"{directive} {quote(shown(value))}")
     return lines
 
 
-@dataclass
-class AppBlock:
-    """One app in the printed configuration."""
-
-    name: str
-    root: str
-    public: str
-    base_uri: str
-    directives: list[str]
-
-
-@dataclass
-class VirtualHost:
+class VirtualHost(Host):
     """One ``<VirtualHost>``: the apps that answer to one set of server names."""
-
-    server_names: tuple[str, ...]
-    apps: list[AppBlock] = field(default_factory=list)
-
-    @property
-    def root_app(self) -> AppBlock | None:
-        for app in self.apps:
-            if not app.base_uri:
-                return app
-        return None
-
-    @property
-    def sub_apps(self) -> list[AppBlock]:
-        return [app for app in self.apps if app.base_uri]
 
     @property
     def root_location(self) -> str:
@@ -257,32 +153,9 @@ def render_config(
 ) -> str:
     """The Apache configuration for a ``config.Plan``."""
     values = plan.settings
-    hosts: dict[tuple[str, ...], VirtualHost] = {}
-    for app in plan.apps:
-        host = hosts.setdefault(app.server_names, VirtualHost(app.server_names))
-        host.apps.append(
-            AppBlock(
-                app.name,
-                app.spec.root,
-                os.path.join(app.spec.root, "public"),
-                app.base_uri,
-                _directive_lines(app.settings, "app"),
-            )
-        )
-    # Apache answers a Host no virtual host names with the first one: the apps without
-    # server names come first.
-    ordered = sorted(hosts.values(), key=lambda h: len(h.server_names) > 0)
-    import jinja2
-
     mods = modules_dir()
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("appmanager", "templates"),
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        undefined=jinja2.StrictUndefined,
-    )
-    return env.get_template("apache.conf.j2").render(
+    return render_template(
+        "apache.conf.j2",
         run_dir=run_dir,
         address=values["address"],
         port=values["port"],
@@ -296,8 +169,7 @@ def render_config(
         module=module,
         core_directives=_directive_lines(values, "core"),
         instance_dir=values.get("instance_dir"),
-        hosts=ordered,
-        quote=quote,
+        hosts=group_hosts(plan, _directive_lines, VirtualHost),
     )
 
 
@@ -345,37 +217,16 @@ def _config_options(func: Any) -> Any:
     return func
 
 
-def _fail(message: str) -> None:
-    click.echo(f"appmanager: {message}", err=True)
-    sys.exit(1)
-
-
-@click.group("apache-module")
-def apache_module() -> None:
-    """The Apache module (mod_appmanager)."""
-
-
-@apache_module.command("build")
-@click.option(
-    "--output",
-    metavar="DIR",
-    default=None,
-    help="Put mod_appmanager.so in DIR (default: it stays in the build cache).",
+apache_module = connectorcli.module_group(
+    "apache",
+    about="The Apache module (mod_appmanager).",
+    file_name=MODULE_NAME,
+    build=build_module,
+    load="LoadModule appmanager_module {path}",
+    build_help=(
+        "Build mod_appmanager.so with apxs (apache2-dev); prints its path as the last line."
+    ),
 )
-@click.option(
-    "--core-command",
-    metavar="PATH",
-    default=None,
-    help="The appmanager executable the module starts by default (default: this one).",
-)
-def build_command(output: str | None, core_command: str | None) -> None:
-    """Build mod_appmanager.so with apxs (apache2-dev); prints its path as the last line."""
-    try:
-        path = build_module(output, core_command)
-    except ApacheError as exc:
-        _fail(str(exc))
-    click.echo(f"LoadModule appmanager_module {path}", err=True)
-    click.echo(str(path))
 
 
 @click.command("apache-config")
@@ -414,24 +265,10 @@ def apache_config(
     """Print a self-contained Apache configuration serving the app in APP_DIR (default: the
     current directory), or the apps of --config FILE; run it with
     `apache2 -DFOREGROUND -f FILE`."""
-    from appmanager.config import ConfigError, build
-
     raw.update({"config": config_file, "address": address, "port": port})
-    try:
-        plan = build(app_dir, raw)
-    except (settings.SettingError, ConfigError) as exc:
-        _fail(str(exc))
-    try:
-        module = module_path or str(build_module())
-    except ApacheError as exc:
-        _fail(str(exc))
-    run = run_dir or os.path.join(
-        tempfile.gettempdir(), f"appmanager-apache-{plan.settings['port']}"
-    )
-    run = os.path.abspath(run)
-    os.makedirs(run, exist_ok=True)
+    plan, module = connectorcli.plan_and_module(app_dir, raw, module_path, build_module)
     # Apache's children (another user, when started as root) open its lock files here.
-    os.chmod(run, 0o755)
+    run = connectorcli.run_dir(run_dir, "apache", plan.settings["port"], 0o755)
     os.makedirs(os.path.join(run, "htdocs"), exist_ok=True)
     default_user, default_group = _default_apache_user()
     click.echo(

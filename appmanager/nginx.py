@@ -3,59 +3,33 @@ the entry point of ``appmanager start --engine nginx``.
 
 The work is in ``nginxbuild`` (building the module), ``nginxconf`` (writing a configuration)
 and ``nginxengine`` (running nginx in front of the core); this module only turns them into
-commands. ``nginx-config`` takes the options of ``start``; ``cli.py`` hands it the decorator
-that makes them, so that they are declared once.
+commands, with what the Apache commands share from ``connectorcli``. ``nginx-config`` takes
+the options of ``start``; ``cli.py`` hands it the decorator that makes them, so that they are
+declared once.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from appmanager import settings
+from appmanager import connectorcli
+from appmanager.nginxbuild import MODULE_FILE, build_module
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
-
-def _fail(message: str) -> None:
-    click.echo(f"appmanager: {message}", err=True)
-    sys.exit(1)
-
-
-@click.group("nginx-module")
-def nginx_module() -> None:
-    """appmanager's nginx module."""
-
-
-@nginx_module.command("build")
-@click.option(
-    "--output",
-    metavar="DIR",
-    default=None,
-    help="Put ngx_http_appmanager_module.so in DIR (default: it stays in the build cache).",
+nginx_module = connectorcli.module_group(
+    "nginx",
+    about="appmanager's nginx module.",
+    file_name=MODULE_FILE,
+    build=build_module,
+    load="load_module {path};",
+    build_help="Build the module for the installed nginx (needs nginx-dev and a C compiler); "
+    "prints the module's path as the last line.",
 )
-@click.option(
-    "--core-command",
-    metavar="PATH",
-    default=None,
-    help="The appmanager executable the module starts by default (default: this one).",
-)
-def build_command(output: str | None, core_command: str | None) -> None:
-    """Build the module for the installed nginx (needs nginx-dev and a C compiler); prints
-    the module's path as the last line."""
-    from appmanager.nginxbuild import NginxBuildError, build_module
-
-    try:
-        path = build_module(output, core_command)
-    except NginxBuildError as exc:
-        _fail(str(exc))
-    click.echo(f"load_module {path};", err=True)
-    click.echo(str(path))
 
 
 def nginx_config_command(setting_options: Decorator) -> click.Command:
@@ -84,25 +58,12 @@ def nginx_config_command(setting_options: Decorator) -> click.Command:
         """Print an nginx configuration serving the app in APP_DIR (default: the current
         directory) the way `appmanager start --engine nginx` does; run it with
         `nginx -p RUN_DIR -c FILE`."""
-        from appmanager.config import ConfigError, build
-        from appmanager.nginxbuild import NginxBuildError, build_module
         from appmanager.nginxconf import render
 
-        try:
-            plan = build(app_dir, raw)
-        except (settings.SettingError, ConfigError) as exc:
-            _fail(str(exc))
-        try:
-            module = module_path or str(build_module())
-        except NginxBuildError as exc:
-            _fail(str(exc))
+        plan, module = connectorcli.plan_and_module(app_dir, raw, module_path, build_module)
         values = plan.settings
-        run = os.path.abspath(
-            run_dir or os.path.join(tempfile.gettempdir(), f"appmanager-nginx-{values['port']}")
-        )
-        os.makedirs(run, exist_ok=True)
         # nginx's workers (nobody, when started as root) reach their temporary files in here.
-        os.chmod(run, 0o711)
+        run = connectorcli.run_dir(run_dir, "nginx", values["port"], 0o711)
         instance = values["instance_dir"] or os.path.join(run, "instance")
         click.echo(
             render(

@@ -10,17 +10,20 @@ their defaults become the app's directives; core settings go to the ``http`` blo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from appmanager import connectorgen, settings
+from appmanager.connectorconf import (
+    Host,
+    changed_settings,
+    group_hosts,
+    quote,
+    render_template,
+    shown,
+)
 
 MIME_TYPES = "/etc/nginx/mime.types"
-
-
-def quote(value: str) -> str:
-    """A directive argument as nginx reads it: double-quoted, quotes and backslashes escaped."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def regex(path: str) -> str:
@@ -38,16 +41,7 @@ def directive_lines(values: dict[str, Any], role: str) -> list[str]:
     their defaults, in the registry's order. The app root, base URI and instance directory
     have places of their own in the template."""
     lines = []
-    for setting in connectorgen.directive_settings():
-        if setting.connector_role != role or setting.name in (
-            "app_root",
-            "base_uri",
-            "instance_dir",
-        ):
-            continue
-        value = values.get(setting.name)
-        if value is None or value == setting.default or value in ((), {}):
-            continue
+    for setting, value in changed_settings(values, role, ("app_root", "base_uri", "instance_dir")):
         name = directive(setting.name)
         if setting.type == "env":
             lines += [f"{name} {quote(k)} {quote(str(v))};" for k, v in value.items()]
@@ -56,28 +50,8 @@ def directive_lines(values: dict[str, Any], role: str) -> list[str]:
         elif setting.type == "bool":
             lines.append(f"{name} {'on' if value else 'off'};")
         else:
-            shown = str(int(value)) if isinstance(value, float) and value.is_integer() else value
-            lines.append(f"{name} {quote(str(shown))};")
+            lines.append(f"{name} {quote(shown(value))};")
     return lines
-
-
-@dataclass
-class AppLocation:
-    """One app in the configuration: where it is and its directives."""
-
-    name: str
-    root: str
-    public: str
-    base_uri: str
-    directives: list[str]
-
-
-@dataclass
-class Server:
-    """One ``server`` block: the apps that answer to one set of server names."""
-
-    names: str
-    apps: list[AppLocation] = field(default_factory=list)
 
 
 @dataclass
@@ -100,25 +74,7 @@ def render(
     user: str | None = None,
 ) -> str:
     """The nginx configuration for a ``config.Plan``, writing its files under ``run_dir``."""
-    import jinja2
-
     values = plan.settings
-    servers: dict[tuple[str, ...], Server] = {}
-    for app in plan.apps:
-        names = " ".join(app.server_names) if app.server_names else '""'
-        server = servers.setdefault(app.server_names, Server(names))
-        server.apps.append(
-            AppLocation(
-                app.name,
-                app.spec.root,
-                os.path.join(app.spec.root, "public"),
-                app.base_uri,
-                directive_lines(app.settings, "app"),
-            )
-        )
-    # nginx answers a Host that no server names with the first server: the apps without
-    # server names come first.
-    ordered = sorted(servers.values(), key=lambda s: s.names != '""')
     ssl = None
     if values.get("ssl_certificate"):
         ssl = Ssl(
@@ -127,14 +83,8 @@ def render(
         )
     address = values["address"]
     host = f"[{address}]" if ":" in address else address
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("appmanager", "templates"),
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        undefined=jinja2.StrictUndefined,
-    )
-    return env.get_template("nginx.conf.j2").render(
+    return render_template(
+        "nginx.conf.j2",
         origin=origin,
         module=quote(module),
         run_dir=run_dir,
@@ -145,9 +95,8 @@ def render(
         mime_types=MIME_TYPES if os.path.isfile(MIME_TYPES) else None,
         instance_dir=instance_dir,
         core_directives=directive_lines(values, "core"),
-        servers=ordered,
+        servers=group_hosts(plan, directive_lines, Host),
         listen=f"{host}:{values['port']}",
         ssl=ssl,
-        quote=quote,
         regex=regex,
     )

@@ -25,6 +25,7 @@ from typing import IO, Any
 import psutil
 
 from appmanager import __version__, nginxbuild, nginxconf
+from appmanager.connectorbuild import BuildError
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -70,7 +71,7 @@ class NginxEngine:
         try:
             module = nginxbuild.build_module()
             binary = nginxbuild.nginx_binary()
-        except nginxbuild.NginxBuildError as exc:
+        except BuildError as exc:
             raise EngineError(str(exc)) from None
         # The core is nginx's child; once nginx has exited it becomes ours, to wait for.
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
