@@ -97,7 +97,9 @@ else:
     def start_task(
         loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
     ) -> asyncio.Task[None]:
-        """A task for a request (Python < 3.12 cannot start one eagerly)."""
+        """A task for a request. Python < 3.12 cannot start one eagerly, and running its first
+        step before the Task exists would not do: anyio's cancel scopes (Starlette, FastAPI)
+        must find the same current task in every step."""
         return loop.create_task(coro)
 
 

@@ -186,6 +186,7 @@ class HttpConnection:
         "closing",
         "lingering",
         "done",
+        "starting",
         "linger_timer",
         "last_read",
         "in_head",
@@ -232,6 +233,8 @@ class HttpConnection:
         self.closing = False
         self.lingering = False
         self.done = False
+        # run_next is starting requests (a request that ends at once asks for the next).
+        self.starting = False
         self.linger_timer: asyncio.TimerHandle | None = None
         self.last_read = worker.tick
         # The head being parsed (between on_message_begin and on_headers_complete).
@@ -279,7 +282,6 @@ class HttpConnection:
 
     def feed(self, data: bytes | memoryview) -> None:
         """Parses what the client sent, then starts the next request if none runs."""
-        was_in_head = self.in_head
         try:
             self.parser.feed_data(data)
         except _UPGRADES as exc:
@@ -289,8 +291,11 @@ class HttpConnection:
         else:
             if self.in_head and not self.closing:
                 # A head that is still incomplete: every byte of a chunk that began inside it is
-                # part of it, and the one where it began holds at most the whole chunk.
-                self.head_partial = self.head_partial + len(data) if was_in_head else 0
+                # part of it; the one where it began (-1) holds at most the whole chunk.
+                if self.head_partial < 0:
+                    self.head_partial = 0
+                else:
+                    self.head_partial += len(data)
                 if self.head_partial > MAX_HEAD:
                     self.refuse(431, "request header section too large")
             elif self.buffered > HIGH_WATER or len(self.pipeline) > MAX_PIPELINE:
@@ -339,6 +344,7 @@ class HttpConnection:
     def on_message_begin(self) -> None:
         self.in_head = True
         self.head_size = 0
+        self.head_partial = -1  # began in the chunk being parsed
         self.url = b""
         self.headers = []
         self.content_length = self.codings = self.expect = None
@@ -371,7 +377,6 @@ class HttpConnection:
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.head_partial = 0
         if self.closing:
             return
         self.requests += 1
@@ -462,14 +467,23 @@ class HttpConnection:
     # -- requests --------------------------------------------------------------------------------
 
     def run_next(self) -> None:
-        """Starts the next parsed request: its app call runs as a task of its own."""
-        cycle = self.pipeline.popleft()
-        self.active = cycle
-        self.set_progress(cycle.number, RECEIVED)
-        if isinstance(cycle, ConnectionWebSocket):
-            # The worker closes open WebSocket connections when the process stops.
-            self.worker.cycles.add(cycle)
-        cycle.task = asgi.start_task(self.loop, cycle.run())
+        """Starts the next parsed request: its app call runs at once, as a task of its own when
+        it has to wait. One that ends at once calls back here for the next (pipelining): those
+        calls return, and this loop goes on, so that a long pipeline does not nest calls."""
+        if self.starting:
+            return
+        self.starting = True
+        try:
+            while self.active is None and self.pipeline and not self.done:
+                cycle = self.pipeline.popleft()
+                self.active = cycle
+                self.set_progress(cycle.number, RECEIVED)
+                if isinstance(cycle, ConnectionWebSocket):
+                    # The worker closes open WebSocket connections when the process stops.
+                    self.worker.cycles.add(cycle)
+                cycle.task = asgi.start_task(self.loop, cycle.run())
+        finally:
+            self.starting = False
 
     def cycle_done(self, cycle: ConnectionCycle | ConnectionWebSocket, keep: bool) -> None:
         """The active request is over: report it, then the next one, or close."""

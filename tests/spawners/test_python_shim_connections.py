@@ -168,6 +168,20 @@ def test_pipelined_requests_are_answered_in_order(spawn: Any) -> None:
     assert client.read().json()["query"] == "n=fast"
 
 
+def test_a_long_pipeline_in_one_read(spawn: Any) -> None:
+    shim = spawn()
+    requests = b"GET /app/pid HTTP/1.1\r\nHost: t\r\n\r\n" * 3000
+    connection, client, seq = hand(shim, requests[:38])
+    client.send(requests[38:])
+    pid = str(shim.process.pid).encode()
+    bodies = [client.read().body for _ in range(3000)]
+    assert bodies == [pid] * 3000, {b[:80] for b in bodies}
+    client.sock.close()
+    # Reported a hundred at a time with N, so X has none left to report.
+    assert closed_report(shim, seq, [connection]) == 0
+    assert shim.replies.count("N 100") == 30
+
+
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_10_mb_upload_arrives_intact(spawn: Any, framing: str) -> None:
     shim = spawn()
