@@ -257,6 +257,8 @@ class HttpConnection:
     def start_reading(self) -> None:
         if not self.reading and not self.done:
             self.reading = True
+            # Quiet time counts from here: while paused, the client was not the one waited for.
+            self.last_read = self.worker.tick
             self.loop.add_reader(self.fd, self.on_readable)
 
     def pause_reading(self) -> None:
@@ -645,7 +647,8 @@ class HttpConnection:
         quiet = tick - self.last_read
         if self.active is not None or self.pipeline:
             cycle = self.receiving
-            if cycle is not None and quiet > READ_TIMEOUT:
+            # Quiet while the connection is read: the client's stall, not the app's.
+            if cycle is not None and self.reading and quiet > READ_TIMEOUT:
                 log(f"connection {self.seq}: request body not received in time; closing")
                 cycle.client_gone()
                 self.receiving = None
