@@ -16,32 +16,22 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import subprocess
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
-import psutil
-from conftest import Response, free_port, request
-from webserver import public_dir
+from conftest import Response, free_port
+from webserver import ServerFactory, ServerKind, ServerProcess, quote
+
+from appmanager.apache import CONFIG_MODULES
 
 if TYPE_CHECKING:
     from webserver import Mount
 
 MODULES_DIR = Path("/usr/lib/apache2/modules")
-BASE_MODULES = (
-    ("mpm_event_module", "mod_mpm_event.so"),
-    ("authz_core_module", "mod_authz_core.so"),
-    ("mime_module", "mod_mime.so"),
-    ("dir_module", "mod_dir.so"),
-    ("alias_module", "mod_alias.so"),
-    ("env_module", "mod_env.so"),
-    ("proxy_module", "mod_proxy.so"),
-    ("proxy_http_module", "mod_proxy_http.so"),
-    ("rewrite_module", "mod_rewrite.so"),
-)
+# What `appmanager apache-config` loads, and mod_rewrite for the tests of rewritten requests.
+BASE_MODULES = (*CONFIG_MODULES, ("rewrite_module", "mod_rewrite.so"))
 READY = "resuming normal operations"
 
 
@@ -76,79 +66,18 @@ def worker_user() -> tuple[str, str] | None:
 
 
 @dataclass
-class ApacheServer:
+class ApacheServer(ServerProcess):
     """One Apache under test, and the core its module started (none with a core socket)."""
 
-    run_dir: Path
-    conf_path: Path
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
-    core_pids: set[int] = field(default_factory=set)
+    name: ClassVar[str] = "Apache"
 
-    @property
-    def error_log_path(self) -> Path:
-        return self.run_dir / "error.log"
+    def command(self) -> list[str]:
+        return ["apache2", "-DFOREGROUND", "-f", str(self.conf_path)]
 
-    def error_log(self) -> str:
-        try:
-            return self.error_log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    def serves(self) -> bool:
+        return READY in self.error_log()
 
-    def get(self, path: str = "/", host: str = "localhost", headers: str = "") -> Response:
-        raw = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
-        return request(self.port, raw.encode(), timeout=60)
-
-    def request(self, raw: bytes) -> Response:
-        return request(self.port, raw, timeout=60)
-
-    def core(self) -> psutil.Process | None:
-        """The core started by this Apache's module."""
-        if self.proc is None:
-            return None
-        try:
-            children = psutil.Process(self.proc.pid).children()
-        except psutil.NoSuchProcess:
-            return None
-        for child in children:
-            try:
-                cmdline = child.cmdline()
-            except psutil.Error:
-                continue
-            if "core" in cmdline and "--lifeline-fd" in cmdline:
-                return child
-        return None
-
-    def start(self, timeout: float = 60.0) -> None:
-        with open(self.run_dir / "stderr.log", "wb") as stderr:
-            self.proc = subprocess.Popen(
-                ["apache2", "-DFOREGROUND", "-f", str(self.conf_path)],
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-            )
-        self._wait_ready(1, timeout)
-        core = self.core()
-        if core is not None:
-            self.core_pids.add(core.pid)
-
-    def _wait_ready(self, times: int, timeout: float) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.error_log().count(READY) >= times:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"Apache did not start:\n{self.logs()}")
-
-    def logs(self) -> str:
-        stderr = self.run_dir / "stderr.log"
-        text = stderr.read_text(errors="replace") if stderr.exists() else ""
-        return f"--- error log ---\n{self.error_log()[-6000:]}\n--- stderr ---\n{text[-2000:]}"
-
-    def graceful(self, conf: str | None = None, timeout: float = 30.0) -> None:
+    def reconfigure(self, conf: str | None = None, timeout: float = 30.0) -> None:
         """Reload with ``conf`` (apache2 -k graceful); returns when the new configuration runs."""
         if conf is not None:
             self.conf_path.write_text(conf)
@@ -159,73 +88,15 @@ class ApacheServer:
             text=True,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        self._wait_ready(before + 1, timeout)
-        core = self.core()
-        if core is not None:
-            self.core_pids.add(core.pid)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop Apache, then wait until its core and the core's apps have exited."""
-        if self.proc is None:
-            return
-        core = self.core()
-        watched: list[psutil.Process] = []
-        if core is not None:
-            self.core_pids.add(core.pid)
-            watched = [core, *_descendants(core)]
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"Apache did not stop:\n{self.logs()}") from None
-        _, alive = psutil.wait_procs(watched, timeout=timeout)
-        alive = [p for p in alive if _running(p)]
-        if alive:
-            for p in alive:
-                p.kill()
-            raise AssertionError(f"left running after Apache stopped: {alive}\n{self.logs()}")
-        for pid in self.core_pids:
-            _reap(pid)
+        self.wait_until(lambda: self.error_log().count(READY) > before, timeout, "did not reload")
+        self.note_core()
 
 
-def _descendants(proc: psutil.Process) -> list[psutil.Process]:
-    try:
-        return proc.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _reap(pid: int) -> None:
-    """A core outlives Apache by a moment and is then re-parented to the test runner (a
-    subreaper): collect its exit status."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-class ApacheFactory:
+class ApacheFactory(ServerFactory[ApacheServer]):
     """Writes configurations and starts Apaches; everything is stopped and removed at close."""
 
-    def __init__(self) -> None:
-        self.servers: list[ApacheServer] = []
-        self.dirs: list[Path] = []
-
-    def site(self) -> Path:
-        """A world-readable directory for apps and document roots; removed at close."""
-        path = public_dir("site")
-        self.dirs.append(path)
-        return path
+    server_type = ApacheServer
+    conf_name = "httpd.conf"
 
     def config(
         self, body: str, *, run_dir: Path, port: int, top: str = "", instance_dir: bool = True
@@ -266,16 +137,11 @@ class ApacheFactory:
 
     def make(self, body: str, *, top: str = "", instance_dir: bool = True) -> ApacheServer:
         """An Apache with this configuration, not started yet."""
-        run_dir = public_dir("apache")
-        self.dirs.append(run_dir)
-        port = free_port()
-        conf = run_dir / "httpd.conf"
-        conf.write_text(
-            self.config(body, run_dir=run_dir, port=port, top=top, instance_dir=instance_dir)
+        return self.new_server(
+            lambda run_dir, port: self.config(
+                body, run_dir=run_dir, port=port, top=top, instance_dir=instance_dir
+            )
         )
-        server = ApacheServer(run_dir, conf, port)
-        self.servers.append(server)
-        return server
 
     def start(self, body: str, *, top: str = "", instance_dir: bool = True) -> ApacheServer:
         server = self.make(body, top=top, instance_dir=instance_dir)
@@ -287,8 +153,7 @@ class ApacheFactory:
     ) -> subprocess.CompletedProcess[str]:
         """``apache2 -t`` on a configuration, leaving out the lines that contain any of
         ``without``."""
-        run_dir = public_dir("apache")
-        self.dirs.append(run_dir)
+        run_dir = self.new_dir("apache")
         conf = run_dir / "httpd.conf"
         text = self.config(body, run_dir=run_dir, port=free_port(), top=top)
         lines = [line for line in text.splitlines() if not any(w in line for w in without)]
@@ -296,18 +161,6 @@ class ApacheFactory:
         return subprocess.run(
             ["apache2", "-t", "-f", str(conf)], capture_output=True, text=True, timeout=30
         )
-
-    def close(self) -> None:
-        errors = []
-        for server in self.servers:
-            try:
-                server.stop()
-            except AssertionError as exc:
-                errors.append(str(exc))
-        for path in self.dirs:
-            shutil.rmtree(path, ignore_errors=True)
-        if errors:
-            raise AssertionError("\n".join(errors))
 
 
 def vhost(name: str, docroot: Path, inner: str = "") -> str:
@@ -334,22 +187,18 @@ def error_line(text: str) -> str:
     return match.group(1) if match else text
 
 
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def _setting_lines(mount: Mount, indent: str) -> list[str]:
     """The AppManager* directives of a mount's settings and environment."""
     from appmanager import connectorgen, settings
 
     lines = [f'{indent}AppManagerAppRoot "{mount.root}"']
     if mount.base_uri:
-        lines.append(f"{indent}AppManagerBaseURI {_quote(mount.base_uri)}")
+        lines.append(f"{indent}AppManagerBaseURI {quote(mount.base_uri)}")
     for name, value in mount.settings.items():
         directive = connectorgen.apache_names(settings.BY_NAME[name])[0]
-        lines.append(f"{indent}{directive} {_quote(value)}")
+        lines.append(f"{indent}{directive} {quote(value)}")
     for env_name, env_value in mount.env.items():
-        lines.append(f"{indent}AppManagerEnvVar {env_name} {_quote(env_value)}")
+        lines.append(f"{indent}AppManagerEnvVar {env_name} {quote(env_value)}")
     return lines
 
 
@@ -378,17 +227,17 @@ def mounts_config(mounts: list[Mount], empty_root: Path) -> str:
             # leaves the sub-URIs out.
             prefixes = "|".join(re.escape(m.base_uri.strip("/")) for m in subs)
             pattern = f"^/(?!({prefixes})(/|$))" if subs else "^/"
-            lines.append(f"    <LocationMatch {_quote(pattern)}>")
+            lines.append(f"    <LocationMatch {quote(pattern)}>")
             lines.append("        AppManagerEnabled on")
             lines += _setting_lines(root_app, "        ")
             lines.append("    </LocationMatch>")
         for sub in subs:
             public = sub.root / "public"
-            lines.append(f'    Alias {_quote(sub.base_uri)} "{public}"')
+            lines.append(f'    Alias {quote(sub.base_uri)} "{public}"')
             lines.append(
                 f'    <Directory "{public}">\n        Require all granted\n    </Directory>'
             )
-            lines.append(f"    <Location {_quote(sub.base_uri)}>")
+            lines.append(f"    <Location {quote(sub.base_uri)}>")
             lines.append("        AppManagerEnabled on")
             lines += _setting_lines(sub, "        ")
             lines.append("    </Location>")
@@ -397,57 +246,25 @@ def mounts_config(mounts: list[Mount], empty_root: Path) -> str:
     return "\n\n".join(out) + "\n"
 
 
-class ApacheSuiteServer(ApacheServer):
-    """An ApacheServer as the shared suite drives it (webserver.WebServer)."""
-
-    factory: ApacheFactory
-    empty_root: Path
-
-    def request(self, raw: bytes, timeout: float = 60.0) -> Response:  # type: ignore[override]
-        return request(self.port, raw, timeout=timeout)
-
-    def core_socket(self) -> str:
-        return str(self.run_dir / "instance" / "connector.sock")
-
-    def reload(self, mounts: list[Mount]) -> None:
-        self.graceful(
-            self.factory.config(
-                mounts_config(mounts, self.empty_root), run_dir=self.run_dir, port=self.port
-            )
-        )
-
-
-class ApacheKind:
+class ApacheKind(ServerKind[ApacheFactory]):
     """Apache for the shared suite (webserver.WebServerKind)."""
 
     name = "apache"
-
-    def __init__(self) -> None:
-        self.factory = ApacheFactory()
+    factory_type = ApacheFactory
 
     @staticmethod
     def missing() -> str | None:
         return missing()
 
-    def site(self) -> Path:
-        """A world-readable directory for apps; removed at close."""
-        return self.factory.site()
-
-    def start(self, mounts: list[Mount]) -> ApacheSuiteServer:
+    def start(self, mounts: list[Mount]) -> ApacheServer:
         empty_root = self.factory.site()
-        run_dir = public_dir("apache")
-        self.factory.dirs.append(run_dir)
-        port = free_port()
-        conf = run_dir / "httpd.conf"
-        conf.write_text(
-            self.factory.config(mounts_config(mounts, empty_root), run_dir=run_dir, port=port)
-        )
-        server = ApacheSuiteServer(run_dir, conf, port)
-        server.factory = self.factory
-        server.empty_root = empty_root
-        self.factory.servers.append(server)
+
+        def render(mounts: list[Mount], run_dir: Path, port: int) -> str:
+            return self.factory.config(
+                mounts_config(mounts, empty_root), run_dir=run_dir, port=port
+            )
+
+        server = self.factory.new_server(lambda run_dir, port: render(mounts, run_dir, port))
+        server.render = lambda mounts: render(mounts, server.run_dir, server.port)
         server.start()
         return server
-
-    def close(self) -> None:
-        self.factory.close()

@@ -12,19 +12,18 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import psutil
 import pytest
-from conftest import HttpReader, Response, free_port, request
-from webserver import Mount, public_dir
+from conftest import HttpReader, Response, free_port
+from webserver import Mount, ServerFactory, ServerKind, ServerProcess, quote
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -48,41 +47,24 @@ def module_path() -> Path:
     return build_module()
 
 
-def quote(value: str | Path) -> str:
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 @dataclass
-class NginxServer:
+class NginxServer(ServerProcess):
     """One nginx under test, and the core its module started (none with a core socket)."""
 
-    run_dir: Path
-    conf_path: Path
-    port: int
     tls: bool = False
-    proc: subprocess.Popen[bytes] | None = None
-    core_pids: set[int] = field(default_factory=set)
 
-    @property
-    def error_log_path(self) -> Path:
-        return self.run_dir / "error.log"
+    name: ClassVar[str] = "nginx"
 
-    def error_log(self) -> str:
-        return _read(self.error_log_path)
+    def command(self) -> list[str]:
+        return [NGINX, "-p", str(self.run_dir), "-c", str(self.conf_path)]
 
-    def core_log(self) -> str:
-        return _read(self.run_dir / "core.log")
-
-    def logs(self) -> str:
-        return (
-            f"--- nginx error log ---\n{self.error_log()[-5000:]}\n"
-            f"--- core log ---\n{self.core_log()[-5000:]}\n"
-            f"--- nginx stderr ---\n{_read(self.run_dir / 'stderr.log')[-2000:]}"
-        )
+    def serves(self) -> bool:
+        # nginx writes its pid file once its modules have started: the core listens by then.
+        return (self.run_dir / "nginx.pid").exists() and bool(self.workers())
 
     def request(self, raw: bytes, timeout: float = 60.0) -> Response:
         if not self.tls:
-            return request(self.port, raw, timeout=timeout)
+            return super().request(raw, timeout)
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -93,29 +75,6 @@ class NginxServer:
             sock.sendall(raw)
             return HttpReader(sock).read()  # type: ignore[arg-type]
 
-    def get(self, path: str = "/", host: str = "localhost", headers: str = "") -> Response:
-        raw = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
-        return self.request(raw.encode())
-
-    def core(self) -> psutil.Process | None:
-        """The core started by this nginx's module: the master's child with a lifeline."""
-        if self.proc is None:
-            return None
-        try:
-            children = psutil.Process(self.proc.pid).children()
-        except psutil.NoSuchProcess:
-            return None
-        for child in children:
-            try:
-                if "--lifeline-fd" in child.cmdline():
-                    return child
-            except psutil.Error:
-                continue
-        return None
-
-    def core_socket(self) -> str:
-        return str(self.run_dir / "instance" / "connector.sock")
-
     def workers(self) -> set[int]:
         if self.proc is None:
             return set()
@@ -125,79 +84,19 @@ class NginxServer:
             return set()
         return {p.pid for p in children if _is_worker(p)}
 
-    def start(self, timeout: float = 60.0, env: dict[str, str] | None = None) -> None:
-        with open(self.run_dir / "stderr.log", "wb") as stderr:
-            self.proc = subprocess.Popen(
-                [NGINX, "-p", str(self.run_dir), "-c", str(self.conf_path)],
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-                env={**os.environ, **(env or {})},
-            )
-        deadline = time.monotonic() + timeout
-        # nginx writes its pid file once its modules have started: the core listens by then.
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if (self.run_dir / "nginx.pid").exists() and self.workers():
-                core = self.core()
-                if core is not None:
-                    self.core_pids.add(core.pid)
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"nginx did not start:\n{self.logs()}")
-
-    def reload(self, conf: str | None = None, timeout: float = 30.0) -> None:
+    def reconfigure(self, conf: str | None = None, timeout: float = 30.0) -> None:
         """``nginx -s reload`` with ``conf``; returns when only new workers are left."""
         if conf is not None:
             self.conf_path.write_text(conf)
         old = self.workers()
-        result = subprocess.run(
-            [NGINX, "-p", str(self.run_dir), "-c", str(self.conf_path), "-s", "reload"],
-            capture_output=True,
-            text=True,
-        )
+        result = subprocess.run([*self.command(), "-s", "reload"], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def replaced() -> bool:
             current = self.workers()
-            if current and not current & old:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"nginx did not reload:\n{self.logs()}")
+            return bool(current) and not current & old
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop nginx, then wait until its core and the core's apps have exited."""
-        if self.proc is None:
-            return
-        core = self.core()
-        watched: list[psutil.Process] = []
-        if core is not None:
-            self.core_pids.add(core.pid)
-            watched = [core, *_descendants(core)]
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"nginx did not stop:\n{self.logs()}") from None
-        _, alive = psutil.wait_procs(watched, timeout=timeout)
-        alive = [p for p in alive if _running(p)]
-        if alive:
-            for p in alive:
-                p.kill()
-            raise AssertionError(f"left running after nginx stopped: {alive}\n{self.logs()}")
-        for pid in self.core_pids:
-            _reap(pid)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
+        self.wait_until(replaced, timeout, "did not reload")
 
 
 def _is_worker(p: psutil.Process) -> bool:
@@ -207,41 +106,11 @@ def _is_worker(p: psutil.Process) -> bool:
         return False
 
 
-def _descendants(proc: psutil.Process) -> list[psutil.Process]:
-    try:
-        return proc.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _reap(pid: int) -> None:
-    """A core outlives nginx by a moment and is then re-parented to the test runner (a
-    subreaper): collect its exit status."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-class NginxFactory:
+class NginxFactory(ServerFactory[NginxServer]):
     """Writes configurations and starts nginx servers; all are stopped and removed at close."""
 
-    def __init__(self) -> None:
-        self.servers: list[NginxServer] = []
-        self.dirs: list[Path] = []
-
-    def site(self) -> Path:
-        """A world-readable directory for apps and document roots; removed at close."""
-        path = public_dir("site")
-        self.dirs.append(path)
-        return path
+    server_type = NginxServer
+    conf_name = "nginx.conf"
 
     def config(
         self,
@@ -291,14 +160,10 @@ class NginxFactory:
         self, body: str, *, top: str = "", core: bool = True, tls: bool = False
     ) -> NginxServer:
         """An nginx with this configuration, not started yet."""
-        run_dir = public_dir("nginx")
-        self.dirs.append(run_dir)
-        port = free_port()
-        conf = run_dir / "nginx.conf"
-        conf.write_text(self.config(body, run_dir=run_dir, port=port, top=top, core=core))
-        server = NginxServer(run_dir, conf, port, tls=tls)
-        self.servers.append(server)
-        return server
+        return self.new_server(
+            lambda run_dir, port: self.config(body, run_dir=run_dir, port=port, top=top, core=core),
+            tls=tls,
+        )
 
     def start(self, body: str | list[Mount], *, top: str = "", core: bool = True) -> NginxServer:
         """A running nginx with server blocks ``body`` (text, or rendered from mounts)."""
@@ -314,8 +179,7 @@ class NginxFactory:
 
     def config_test(self, body: str, *, top: str = "") -> subprocess.CompletedProcess[str]:
         """``nginx -t`` on a configuration."""
-        run_dir = public_dir("nginx")
-        self.dirs.append(run_dir)
+        run_dir = self.new_dir("nginx")
         conf = run_dir / "nginx.conf"
         conf.write_text(self.config(body, run_dir=run_dir, port=free_port(), top=top))
         return subprocess.run(
@@ -325,69 +189,21 @@ class NginxFactory:
             timeout=30,
         )
 
-    def close(self) -> None:
-        errors = []
-        for server in self.servers:
-            try:
-                server.stop()
-            except AssertionError as exc:
-                errors.append(str(exc))
-        for path in self.dirs:
-            shutil.rmtree(path, ignore_errors=True)
-        if errors:
-            raise AssertionError("\n".join(errors))
 
-
-class NginxSuiteServer:
-    """The shared suite's view of one nginx (``webserver.WebServer``)."""
-
-    def __init__(self, factory: NginxFactory, server: NginxServer) -> None:
-        self.factory = factory
-        self.server = server
-        self.port = server.port
-
-    def request(self, raw: bytes, timeout: float = 60.0) -> Response:
-        return self.server.request(raw, timeout)
-
-    def get(self, path: str = "/", host: str = "localhost", headers: str = "") -> Response:
-        return self.server.get(path, host, headers)
-
-    def core(self) -> psutil.Process | None:
-        return self.server.core()
-
-    def core_socket(self) -> str:
-        return self.server.core_socket()
-
-    def reload(self, mounts: list[Mount]) -> None:
-        self.server.reload(self.factory.rewrite(self.server, mounts))
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def logs(self) -> str:
-        return self.server.logs()
-
-
-class NginxKind:
+class NginxKind(ServerKind[NginxFactory]):
     """nginx as one of the shared suite's web servers (``webserver.WebServerKind``)."""
 
     name = "nginx"
-
-    def __init__(self) -> None:
-        self.factory = NginxFactory()
+    factory_type = NginxFactory
 
     @staticmethod
     def missing() -> str | None:
         return missing()
 
-    def site(self) -> Path:
-        return self.factory.site()
-
-    def start(self, mounts: list[Mount]) -> NginxSuiteServer:
-        return NginxSuiteServer(self.factory, self.factory.start(mounts))
-
-    def close(self) -> None:
-        self.factory.close()
+    def start(self, mounts: list[Mount]) -> NginxServer:
+        server = self.factory.start(mounts)
+        server.render = lambda mounts: self.factory.rewrite(server, mounts)
+        return server
 
 
 def render_mounts(mounts: list[Mount]) -> str:

@@ -384,7 +384,7 @@ def test_graceful_restart_keeps_the_core_and_applies_new_settings(apache: Apache
     assert core is not None
     old_app_pid = int(server.get("/app/pid", host="echo.test").body)
     conf = server.conf_path.read_text().replace("COLOR red", "COLOR blue")
-    server.graceful(conf)
+    server.reconfigure(conf)
     assert server.get("/app/env?COLOR", host="echo.test").body == b"blue"
     assert server.core() == core and core.is_running()
     assert int(server.get("/app/pid", host="echo.test").body) != old_app_pid
@@ -507,8 +507,7 @@ def test_apache_config_output_runs(apache: ApacheFactory, tmp_path: Path) -> Non
         f'[[app]]\nroot = "{flask}"\nserver_names = ["flask.test", "www.flask.test"]\n'
         'startup_file = "app.py"\n'
     )
-    run_dir = public_dir("apache")
-    apache.dirs.append(run_dir)
+    run_dir = apache.new_dir("apache")
     port = free_port()
     args = ["--config", str(toml), "--port", str(port), "--run-dir", str(run_dir)]
     if os.geteuid() == 0:

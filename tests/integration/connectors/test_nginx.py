@@ -22,7 +22,7 @@ import pytest
 from conftest import HttpReader, Response, free_port, request
 from fakecore import FakeCore, Received, Reply, ok
 from nginx import NGINX, NginxFactory, NginxServer, module_path, nginx_fixture, quote  # noqa: F401
-from webserver import app_source, copy_app, public_dir
+from webserver import app_source, copy_app
 
 AS_ROOT = os.geteuid() == 0
 
@@ -524,8 +524,7 @@ def test_https_reaches_the_app_as_https(
 def test_nginx_config_prints_a_configuration_nginx_accepts(
     nginx: NginxFactory, echo_app: Path
 ) -> None:
-    run_dir = public_dir("nginx-config")
-    nginx.dirs.append(run_dir)
+    run_dir = nginx.new_dir("nginx-config")
     result = subprocess.run(
         [sys.executable, "-m", "appmanager", "nginx-config", str(echo_app), "--port", "8123",
          "--run-dir", str(run_dir), "--env-var", "GREETING=hi there", "--max-pool-size", "3",
