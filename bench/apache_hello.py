@@ -22,14 +22,17 @@ import sys
 from pathlib import Path
 
 from harness import (
+    APACHE_VERSION,
     BENCH_DIR,
+    PASSENGER_VERSION,
     Benchmark,
-    Condition,
     PeerSpec,
-    RatioSpec,
-    Target,
     appmanager_cmd,
+    core_cpu_ratio,
+    interpreter_option,
     main,
+    rps_ratio,
+    rps_target,
 )
 from peers import ApacheAppManagerPeer, ApachePassengerPeer
 
@@ -38,20 +41,9 @@ APPMANAGER = ApacheAppManagerPeer.name
 PASSENGER = ApachePassengerPeer.name
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--python: the interpreter both peers run the app with."""
-    parser.add_argument(
-        "--python", default=sys.executable, help="Python that both peers run the app with"
-    )
-
-
 def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The versions recorded with the results."""
-    return [
-        ("python_version", [args.python, "--version"]),
-        ("apache_version", ["sh", "-c", "apache2 -v | sed -n 's/^Server version: //p'"]),
-        ("passenger_version", ["passenger", "--version"]),
-    ]
+    return [("python_version", [args.python, "--version"]), APACHE_VERSION, PASSENGER_VERSION]
 
 
 def _appmanager(args: argparse.Namespace, work: Path) -> ApacheAppManagerPeer:
@@ -73,34 +65,17 @@ BENCHMARK = Benchmark(
         PeerSpec(APPMANAGER, "#2b6cb0", _appmanager),
         PeerSpec(PASSENGER, "#dd6b20", _passenger),
     ),
-    ratios=(
-        RatioSpec(
-            f"rps_appmanager_over_{PASSENGER}",
-            f"appmanager / {PASSENGER} req/s",
-            APPMANAGER,
-            PASSENGER,
-        ),
-        RatioSpec(
-            f"core_cpu_appmanager_over_{PASSENGER}",
-            f"appmanager / {PASSENGER} core CPU per request",
-            APPMANAGER,
-            PASSENGER,
-            attr="core_us_per_request",
-        ),
-    ),
-    targets=(
-        Target(
-            "req/s ≥ mod_passenger's",
-            (Condition(f"rps_appmanager_over_{PASSENGER}", at_least=1.0),),
-        ),
-    ),
+    ratios=(rps_ratio(PASSENGER), core_cpu_ratio(PASSENGER)),
+    targets=(rps_target("req/s ≥ mod_passenger's", PASSENGER),),
     versions=versions,
     docs_versions=("apache_version", "passenger_version", "python_version"),
     chart_footer=(
         "both in Apache; core CPU: Apache's processes and the core each module starts "
         "(appmanager core, Passenger core)"
     ),
-    add_arguments=add_arguments,
+    add_arguments=interpreter_option(
+        "--python", sys.executable, "Python that both peers run the app with"
+    ),
     notes=(
         "Both peers run the same app with the same Python (`--python`), 2 processes started "
         "with the web server's first request; as root, both run it as root (appmanager: "

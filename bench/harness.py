@@ -88,6 +88,48 @@ class Target:
     conditions: tuple[Condition, ...]
 
 
+def rps_ratio(peer: str, label: str | None = None) -> RatioSpec:
+    """appmanager's req/s over `peer`'s (named `label` in the report, default `peer`)."""
+    return RatioSpec(
+        f"rps_appmanager_over_{peer}", f"appmanager / {label or peer} req/s", "appmanager", peer
+    )
+
+
+def core_cpu_ratio(peer: str, label: str | None = None) -> RatioSpec:
+    """appmanager's core CPU per request over `peer`'s."""
+    return RatioSpec(
+        f"core_cpu_appmanager_over_{peer}",
+        f"appmanager / {label or peer} core CPU per request",
+        "appmanager",
+        peer,
+        attr="core_us_per_request",
+    )
+
+
+def rps_target(text: str, peer: str, at_least: float = 1.0) -> Target:
+    """The target that appmanager's req/s be at least `at_least` times `peer`'s."""
+    return Target(text, (Condition(f"rps_appmanager_over_{peer}", at_least=at_least),))
+
+
+def interpreter_option(
+    option: str, default: str, help_text: str
+) -> Callable[[argparse.ArgumentParser], None]:
+    """`Benchmark.add_arguments` for the one option most benchmarks have: the interpreter the
+    peers run the app with (`--python`, `--ruby`, `--nodejs`), stored under its name."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(option, default=default, help=help_text)
+
+    return add_arguments
+
+
+#: (key, command) for `Benchmark.versions`, of programs several benchmarks compare with.
+PASSENGER_VERSION = ("passenger_version", ["passenger", "--version"])
+GUNICORN_VERSION = ("gunicorn_version", ["gunicorn", "--version"])
+NGINX_VERSION = ("nginx_version", ["sh", "-c", "nginx -v 2>&1 | sed 's/^nginx version: //'"])
+APACHE_VERSION = ("apache_version", ["sh", "-c", "apache2 -v | sed -n 's/^Server version: //p'"])
+
+
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
     """A benchmark with no options of its own."""
 

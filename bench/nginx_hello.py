@@ -29,14 +29,19 @@ import sys
 from pathlib import Path
 
 from harness import (
+    APACHE_VERSION,
     BENCH_DIR,
+    GUNICORN_VERSION,
+    NGINX_VERSION,
+    PASSENGER_VERSION,
     Benchmark,
-    Condition,
     PeerSpec,
-    RatioSpec,
-    Target,
     appmanager_cmd,
+    core_cpu_ratio,
+    interpreter_option,
     main,
+    rps_ratio,
+    rps_target,
 )
 from peers import ApachePassengerPeer, NginxAppManagerPeer, NginxGunicornPeer
 
@@ -46,22 +51,10 @@ GUNICORN = NginxGunicornPeer.name
 PASSENGER = ApachePassengerPeer.name
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--python: the interpreter every peer runs the app with."""
-    parser.add_argument(
-        "--python", default=sys.executable, help="Python that every peer runs the app with"
-    )
-
-
 def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The versions recorded with the results."""
-    return [
-        ("python_version", [args.python, "--version"]),
-        ("nginx_version", ["sh", "-c", "nginx -v 2>&1 | sed 's/^nginx version: //'"]),
-        ("gunicorn_version", ["gunicorn", "--version"]),
-        ("apache_version", ["sh", "-c", "apache2 -v | sed -n 's/^Server version: //p'"]),
-        ("passenger_version", ["passenger", "--version"]),
-    ]
+    python = ("python_version", [args.python, "--version"])
+    return [python, NGINX_VERSION, GUNICORN_VERSION, APACHE_VERSION, PASSENGER_VERSION]
 
 
 def _appmanager(args: argparse.Namespace, work: Path) -> NginxAppManagerPeer:
@@ -78,11 +71,6 @@ def _passenger(args: argparse.Namespace, work: Path) -> ApachePassengerPeer:
     return ApachePassengerPeer(APP_DIR, work, args.python)
 
 
-def _rps_ratio(peer: str) -> RatioSpec:
-    key, text = f"rps_appmanager_over_{peer}", f"appmanager / {peer} req/s"
-    return RatioSpec(key, text, APPMANAGER, peer)
-
-
 BENCHMARK = Benchmark(
     slug="nginx-hello",
     title="Hello-world WSGI behind nginx, 2 app processes",
@@ -93,23 +81,10 @@ BENCHMARK = Benchmark(
         PeerSpec(GUNICORN, "#8a8a8a", _gunicorn),
         PeerSpec(PASSENGER, "#dd6b20", _passenger),
     ),
-    ratios=(
-        _rps_ratio(GUNICORN),
-        _rps_ratio(PASSENGER),
-        RatioSpec(
-            f"core_cpu_appmanager_over_{PASSENGER}",
-            f"appmanager / {PASSENGER} core CPU per request",
-            APPMANAGER,
-            PASSENGER,
-            attr="core_us_per_request",
-        ),
-    ),
+    ratios=(rps_ratio(GUNICORN), rps_ratio(PASSENGER), core_cpu_ratio(PASSENGER)),
     targets=(
-        Target("req/s ≥ nginx → gunicorn's", (Condition(f"rps_appmanager_over_{GUNICORN}", 1.0),)),
-        Target(
-            "req/s ≥ Apache + mod_passenger's",
-            (Condition(f"rps_appmanager_over_{PASSENGER}", 1.0),),
-        ),
+        rps_target("req/s ≥ nginx → gunicorn's", GUNICORN),
+        rps_target("req/s ≥ Apache + mod_passenger's", PASSENGER),
     ),
     versions=versions,
     docs_versions=(
@@ -123,7 +98,9 @@ BENCHMARK = Benchmark(
         "appmanager and gunicorn behind nginx, mod_passenger in Apache; core CPU: the web "
         "server + the core its module starts"
     ),
-    add_arguments=add_arguments,
+    add_arguments=interpreter_option(
+        "--python", sys.executable, "Python that every peer runs the app with"
+    ),
     notes=(
         "Every peer runs the same app with the same Python (`--python`), 2 processes; as root, "
         "all of them run it as root (appmanager: `appmanager_user_switching off`; Passenger: "

@@ -21,13 +21,15 @@ from pathlib import Path
 
 from harness import (
     BENCH_DIR,
+    PASSENGER_VERSION,
     Benchmark,
-    Condition,
     PeerSpec,
-    RatioSpec,
-    Target,
     appmanager_cmd,
+    core_cpu_ratio,
+    interpreter_option,
     main,
+    rps_ratio,
+    rps_target,
 )
 from peers import AppManagerPeer, NodeClusterPeer, PassengerPeer
 
@@ -35,20 +37,11 @@ APP_DIR = BENCH_DIR / "apps" / "hello_node"
 TARGET_CLUSTER_RATIO = 0.9
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--nodejs: the interpreter every peer runs the app with."""
-    parser.add_argument(
-        "--nodejs",
-        default=shutil.which("node") or "/usr/bin/node",
-        help="Node.js that every peer runs the app with [node on PATH]",
-    )
-
-
 def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The versions recorded with the results."""
     return [
         ("node_version", [args.nodejs, "-e", "console.log('Node.js ' + process.version)"]),
-        ("passenger_version", ["passenger", "--version"]),
+        PASSENGER_VERSION,
     ]
 
 
@@ -76,34 +69,24 @@ BENCHMARK = Benchmark(
         PeerSpec("cluster", "#8a8a8a", _cluster),
     ),
     ratios=(
-        RatioSpec(
-            "rps_appmanager_over_passenger",
-            "appmanager / Passenger req/s",
-            "appmanager",
-            "passenger",
-        ),
-        RatioSpec(
-            "rps_appmanager_over_cluster", "appmanager / cluster req/s", "appmanager", "cluster"
-        ),
-        RatioSpec(
-            "core_cpu_appmanager_over_passenger",
-            "appmanager / Passenger core CPU per request",
-            "appmanager",
-            "passenger",
-            attr="core_us_per_request",
-        ),
+        rps_ratio("passenger", "Passenger"),
+        rps_ratio("cluster"),
+        core_cpu_ratio("passenger", "Passenger"),
     ),
     targets=(
-        Target("req/s ≥ Passenger's", (Condition("rps_appmanager_over_passenger", 1.0),)),
-        Target(
-            f"req/s ≥ {TARGET_CLUSTER_RATIO}× the bare cluster's",
-            (Condition("rps_appmanager_over_cluster", TARGET_CLUSTER_RATIO),),
+        rps_target("req/s ≥ Passenger's", "passenger"),
+        rps_target(
+            f"req/s ≥ {TARGET_CLUSTER_RATIO}× the bare cluster's", "cluster", TARGET_CLUSTER_RATIO
         ),
     ),
     versions=versions,
     docs_versions=("passenger_version", "node_version"),
     chart_footer="cluster: Node's cluster module, 2 workers on one port, no core in the data path",
-    add_arguments=add_arguments,
+    add_arguments=interpreter_option(
+        "--nodejs",
+        shutil.which("node") or "/usr/bin/node",
+        "Node.js that every peer runs the app with [node on PATH]",
+    ),
     notes=(
         "Every peer runs the app with the same Node.js (`--nodejs`), with NODE_ENV=production.",
         "appmanager hands a Node app whole connections over Node's IPC channel (Node has no "

@@ -858,6 +858,59 @@ class WebServerPeer(ForegroundPeer):
         kill_leftovers(procs)
 
 
+class AppManagerModulePeer(WebServerPeer):
+    """A web server with appmanager's module, which starts `appmanager core` with the web server
+    and hands it the requests: the module built by the measured appmanager's CLI, and the same
+    settings whichever web server, each spelled by it (`directive`)."""
+
+    #: The web server ("nginx" or "apache"), for `appmanager KIND-module build`.
+    server = ""
+
+    def __init__(
+        self,
+        app_dir: Path,
+        work_dir: Path,
+        base_cmd: list[str],
+        python: str,
+        rev: str | None = None,
+    ) -> None:
+        super().__init__(app_dir, work_dir)
+        self.python = python
+        self.module = AppManagerModule(self.server, base_cmd, self.work_dir, rev, work_dir)
+
+    @abstractmethod
+    def directive(self, setting: str, value: str | int | bool | Path) -> str:
+        """The module's directive that sets `setting` (a name of appmanager's settings)."""
+
+    def prepare(self) -> None:
+        """Build the module with the measured appmanager's CLI."""
+        self.module.build()
+
+    def core_directives(self) -> list[str]:
+        """The core's settings: its instance dir, 2 app processes, the CLI to start it with."""
+        return [
+            self.directive("instance_dir", self.work_dir / "instance"),
+            self.directive("max_pool_size", 2),
+            self.directive("core_command", self.module.cli),
+        ]
+
+    def app_directives(self) -> list[str]:
+        """The app, as Passenger's directives would name it."""
+        return [
+            self.directive("enabled", True),
+            self.directive("app_root", self.app_dir),
+            self.directive("python", self.python),
+            self.directive("min_instances", 2),
+            # As root, the core would run the app as its owner, or nobody, who may not reach
+            # the interpreter; the data path measured here is the same either way.
+            *([self.directive("user_switching", False)] if os.geteuid() == 0 else []),
+        ]
+
+    def is_core_process(self, proc: psutil.Process) -> bool:
+        """The core the module started."""
+        return _is_appmanager_core(proc)
+
+
 class NginxPeer(WebServerPeer):
     """nginx, master and `worker_processes auto` (one per CPU), no access log; subclasses say
     what the server block does with the requests."""
@@ -926,60 +979,34 @@ class NginxPeer(WebServerPeer):
 _NGINX_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
-class NginxAppManagerPeer(NginxPeer):
+class NginxAppManagerPeer(AppManagerModulePeer, NginxPeer):
     """nginx with appmanager's module (`appmanager_enabled on`), which starts `appmanager core`
     with nginx and hands it every request over the core's Unix socket."""
 
     name = "appmanager"
+    server = "nginx"
     note = "nginx + appmanager's module → appmanager core (Unix socket) → app processes"
     core_description = (
         "nginx's master and worker processes and the `appmanager core` process that the module "
         "started; the app processes (the core's children) are not counted"
     )
 
-    def __init__(
-        self,
-        app_dir: Path,
-        work_dir: Path,
-        base_cmd: list[str],
-        python: str,
-        rev: str | None = None,
-    ) -> None:
-        super().__init__(app_dir, work_dir)
-        self.python = python
-        self.module = AppManagerModule("nginx", base_cmd, self.work_dir, rev, work_dir)
-
-    def prepare(self) -> None:
-        """Build the module with the measured appmanager's CLI."""
-        self.module.build()
+    def directive(self, setting: str, value: str | int | bool | Path) -> str:
+        """`appmanager_<setting> VALUE;`."""
+        shown = ("on" if value else "off") if isinstance(value, bool) else value
+        return f"appmanager_{setting} {shown};"
 
     def main_directives(self) -> list[str]:
         """Load the module."""
         return [f"load_module {self.module.path};"]
 
     def http_directives(self) -> list[str]:
-        """The core's settings: its instance dir, 2 app processes, the CLI to start it with."""
-        return [
-            f"appmanager_instance_dir {self.work_dir}/instance;",
-            "appmanager_max_pool_size 2;",
-            f"appmanager_core_command {self.module.cli};",
-        ]
+        """The core's settings."""
+        return self.core_directives()
 
     def server_directives(self) -> list[str]:
-        """The app, as Passenger's directives would name it."""
-        return [
-            "appmanager_enabled on;",
-            f"appmanager_app_root {self.app_dir};",
-            f"appmanager_python {self.python};",
-            "appmanager_min_instances 2;",
-            # As root, the core would run the app as its owner, or nobody, who may not reach
-            # the interpreter; the data path measured here is the same either way.
-            *(["appmanager_user_switching off;"] if os.geteuid() == 0 else []),
-        ]
-
-    def is_core_process(self, proc: psutil.Process) -> bool:
-        """The core the module started."""
-        return _is_appmanager_core(proc)
+        """The app."""
+        return self.app_directives()
 
 
 class NginxGunicornPeer(NginxPeer):
@@ -1120,11 +1147,12 @@ class ApachePeer(WebServerPeer):
         return _process_name(proc) == "apache2"
 
 
-class ApacheAppManagerPeer(ApachePeer):
+class ApacheAppManagerPeer(AppManagerModulePeer, ApachePeer):
     """Apache with appmanager's module (`AppManagerEnabled On`), which starts `appmanager core`
     with Apache and hands it every request through mod_proxy_http's pooled connections."""
 
     name = "appmanager"
+    server = "apache"
     note = (
         "Apache + appmanager's module (through mod_proxy_http) → appmanager core (Unix socket) "
         "→ app processes"
@@ -1134,21 +1162,12 @@ class ApacheAppManagerPeer(ApachePeer):
         "started; the app processes (the core's children) are not counted"
     )
 
-    def __init__(
-        self,
-        app_dir: Path,
-        work_dir: Path,
-        base_cmd: list[str],
-        python: str,
-        rev: str | None = None,
-    ) -> None:
-        super().__init__(app_dir, work_dir)
-        self.python = python
-        self.module = AppManagerModule("apache", base_cmd, self.work_dir, rev, work_dir)
-
-    def prepare(self) -> None:
-        """Build the module with the measured appmanager's CLI."""
-        self.module.build()
+    def directive(self, setting: str, value: str | int | bool | Path) -> str:
+        """`AppManager<Setting> VALUE`, a path or a word quoted."""
+        name = "AppManager" + "".join(word.capitalize() for word in setting.split("_"))
+        if isinstance(value, bool):
+            return f"{name} {'On' if value else 'Off'}"
+        return f"{name} {value}" if isinstance(value, int) else f'{name} "{value}"'
 
     def modules(self) -> list[tuple[str, Path]]:
         """mod_proxy and mod_proxy_http (the module's transport), and the module."""
@@ -1160,28 +1179,12 @@ class ApacheAppManagerPeer(ApachePeer):
         ]
 
     def server_directives(self) -> list[str]:
-        """The core's settings: its instance dir, 2 app processes, the CLI to start it with."""
-        return [
-            f'AppManagerInstanceDir "{self.work_dir}/instance"',
-            "AppManagerMaxPoolSize 2",
-            f'AppManagerCoreCommand "{self.module.cli}"',
-        ]
+        """The core's settings."""
+        return self.core_directives()
 
     def vhost_directives(self) -> list[str]:
-        """The app, as Passenger's directives would name it."""
-        return [
-            "AppManagerEnabled On",
-            f'AppManagerAppRoot "{self.app_dir}"',
-            f'AppManagerPython "{self.python}"',
-            "AppManagerMinInstances 2",
-            # As root, the core would run the app as its owner, or nobody, who may not reach
-            # the interpreter; the data path measured here is the same either way.
-            *(["AppManagerUserSwitching Off"] if os.geteuid() == 0 else []),
-        ]
-
-    def is_core_process(self, proc: psutil.Process) -> bool:
-        """The core the module started."""
-        return _is_appmanager_core(proc)
+        """The app."""
+        return self.app_directives()
 
 
 class ApachePassengerPeer(ApachePeer):

@@ -20,33 +20,26 @@ from pathlib import Path
 
 from harness import (
     BENCH_DIR,
+    PASSENGER_VERSION,
     Benchmark,
-    Condition,
     PeerSpec,
-    RatioSpec,
-    Target,
     appmanager_cmd,
+    core_cpu_ratio,
+    interpreter_option,
     main,
+    rps_ratio,
+    rps_target,
 )
 from peers import AppManagerPeer, PassengerPeer, PumaPeer, UnicornPeer
 
 APP_DIR = BENCH_DIR / "apps" / "hello_rack"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--ruby: the interpreter every peer runs the app with."""
-    parser.add_argument(
-        "--ruby",
-        default=shutil.which("ruby") or "/usr/bin/ruby",
-        help="Ruby that every peer runs the app with [ruby on PATH]",
-    )
-
-
 def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The versions recorded with the results."""
     return [
         ("ruby_version", [args.ruby, "-e", 'print "Ruby #{RUBY_VERSION}"']),
-        ("passenger_version", ["passenger", "--version"]),
+        PASSENGER_VERSION,
         ("puma_version", [args.ruby, shutil.which("puma") or "puma", "--version"]),
         ("unicorn_version", [args.ruby, shutil.which("unicorn") or "unicorn", "-v"]),
     ]
@@ -72,11 +65,6 @@ def _unicorn(args: argparse.Namespace, work: Path) -> UnicornPeer:
     return UnicornPeer(APP_DIR, work, args.ruby)
 
 
-def _rps_ratio(peer: str, label: str) -> RatioSpec:
-    key, text = f"rps_appmanager_over_{peer}", f"appmanager / {label} req/s"
-    return RatioSpec(key, text, "appmanager", peer)
-
-
 BENCHMARK = Benchmark(
     slug="ruby-hello",
     title="Hello-world Rack, 2 app processes",
@@ -89,21 +77,15 @@ BENCHMARK = Benchmark(
         PeerSpec("unicorn", "#b7b7b7", _unicorn),
     ),
     ratios=(
-        _rps_ratio("passenger", "Passenger"),
-        _rps_ratio("puma", "puma"),
-        _rps_ratio("unicorn", "unicorn"),
-        RatioSpec(
-            "core_cpu_appmanager_over_passenger",
-            "appmanager / Passenger core CPU per request",
-            "appmanager",
-            "passenger",
-            attr="core_us_per_request",
-        ),
+        rps_ratio("passenger", "Passenger"),
+        rps_ratio("puma"),
+        rps_ratio("unicorn"),
+        core_cpu_ratio("passenger", "Passenger"),
     ),
     targets=(
-        Target("req/s ≥ Passenger's", (Condition("rps_appmanager_over_passenger", 1.0),)),
-        Target("req/s ≥ puma's", (Condition("rps_appmanager_over_puma", 1.0),)),
-        Target("req/s ≥ unicorn's", (Condition("rps_appmanager_over_unicorn", 1.0),)),
+        rps_target("req/s ≥ Passenger's", "passenger"),
+        rps_target("req/s ≥ puma's", "puma"),
+        rps_target("req/s ≥ unicorn's", "unicorn"),
     ),
     versions=versions,
     docs_versions=("passenger_version", "puma_version", "unicorn_version", "ruby_version"),
@@ -111,7 +93,11 @@ BENCHMARK = Benchmark(
         "puma and unicorn: no core in the data path; unicorn closes every connection, "
         "puma some under load"
     ),
-    add_arguments=add_arguments,
+    add_arguments=interpreter_option(
+        "--ruby",
+        shutil.which("ruby") or "/usr/bin/ruby",
+        "Ruby that every peer runs the app with [ruby on PATH]",
+    ),
     notes=(
         "Every peer runs the app with the same Ruby (`--ruby`), in the production environment.",
         "puma: `puma -b tcp://127.0.0.1:P -w 2 -t 1:1 -e production config.ru`. It keeps "

@@ -21,13 +21,17 @@ from pathlib import Path
 
 from harness import (
     BENCH_DIR,
+    GUNICORN_VERSION,
+    PASSENGER_VERSION,
     Benchmark,
     Condition,
     PeerSpec,
-    RatioSpec,
     Target,
     appmanager_cmd,
+    core_cpu_ratio,
+    interpreter_option,
     main,
+    rps_ratio,
 )
 from peers import AppManagerPeer, GunicornPeer, PassengerPeer
 
@@ -35,20 +39,9 @@ APP_DIR = BENCH_DIR / "apps" / "hello_wsgi"
 TARGET_RPS_RATIO = 1.5
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--python: the interpreter Passenger runs the app with."""
-    parser.add_argument(
-        "--python", default=sys.executable, help="Python that Passenger runs the app with"
-    )
-
-
 def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The versions recorded with the results."""
-    return [
-        ("python_version", [args.python, "--version"]),
-        ("passenger_version", ["passenger", "--version"]),
-        ("gunicorn_version", ["gunicorn", "--version"]),
-    ]
+    return [("python_version", [args.python, "--version"]), PASSENGER_VERSION, GUNICORN_VERSION]
 
 
 def _appmanager(args: argparse.Namespace, work: Path) -> AppManagerPeer:
@@ -74,22 +67,9 @@ BENCHMARK = Benchmark(
         PeerSpec("passenger", "#dd6b20", _passenger),
     ),
     ratios=(
-        RatioSpec(
-            "rps_appmanager_over_passenger",
-            "appmanager / Passenger req/s",
-            "appmanager",
-            "passenger",
-        ),
-        RatioSpec(
-            "rps_appmanager_over_gunicorn", "appmanager / gunicorn req/s", "appmanager", "gunicorn"
-        ),
-        RatioSpec(
-            "core_cpu_appmanager_over_passenger",
-            "appmanager / Passenger core CPU per request",
-            "appmanager",
-            "passenger",
-            attr="core_us_per_request",
-        ),
+        rps_ratio("passenger", "Passenger"),
+        rps_ratio("gunicorn"),
+        core_cpu_ratio("passenger", "Passenger"),
     ),
     targets=(
         Target(
@@ -103,7 +83,9 @@ BENCHMARK = Benchmark(
     versions=versions,
     docs_versions=("passenger_version", "gunicorn_version", "python_version"),
     chart_footer="gunicorn: sync workers close every connection and have no core in the data path",
-    add_arguments=add_arguments,
+    add_arguments=interpreter_option(
+        "--python", sys.executable, "Python that Passenger runs the app with"
+    ),
     connections_column=False,
     report_noise=False,
 )
