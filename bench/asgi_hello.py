@@ -57,7 +57,13 @@ def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 
 def _appmanager(args: argparse.Namespace, work: Path) -> AppManagerPeer:
-    return AppManagerPeer(APP_DIR, work, appmanager_cmd(args), ["--python", args.python])
+    return AppManagerPeer(
+        APP_DIR,
+        work,
+        appmanager_cmd(args),
+        ["--python", args.python],
+        note="whole connections handed to the app processes; keep-alive",
+    )
 
 
 def _uvicorn(args: argparse.Namespace, work: Path) -> UvicornPeer:
@@ -90,6 +96,10 @@ BENCHMARK = Benchmark(
         "core runs on uvloop and parses requests with httptools, and its ASGI app processes run "
         "on uvloop too when the app's Python has it, as here). uvicorn's access log is off, as "
         "appmanager logs no request either.",
+        "appmanager's core reads each connection's first request head and hands the whole "
+        "connection to the app process with the fewest (as for Node); the process parses and "
+        "serves every request on it, so the core's CPU per request is about 0 with keep-alive. "
+        "The app processes parse with httptools, as uvicorn does, when the app's Python has it.",
         "Both peers run the app with the same Python (`--python`).",
         "New TCP connections per request: the machine's count of opened TCP connections "
         "(ActiveOpens in /proc/net/snmp) over the measured run, divided by the requests; about 0 "
