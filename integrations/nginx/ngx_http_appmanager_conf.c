@@ -562,35 +562,52 @@ ngx_http_appmanager_app_line(ngx_conf_t *cf,
         }
 
         root = clcf->root;
-
-        while (root.len > 1 && root.data[root.len - 1] == '/') {
-            root.len--;
-        }
-
-        while (root.len > 1 && root.data[root.len - 1] != '/') {
-            root.len--;
-        }
-
-        if (root.len > 1) {
-            root.len--;
-        }
+        ngx_http_appmanager_parent_dir(&root);
     }
 
-    len = sizeof("!~App: app_root=") - 1
-          + ngx_http_appmanager_escaped_len(root.data, root.len)
-          + conf->app_rest.len + sizeof(CRLF) - 1;
+    return ngx_http_appmanager_make_app_line(cf->pool, &root, &conf->app_rest,
+                                             &conf->app_line);
+}
 
-    p = ngx_pnalloc(cf->pool, len);
-    if (p == NULL) {
+
+/* The app root of a block without appmanager_app_root. */
+void
+ngx_http_appmanager_parent_dir(ngx_str_t *path)
+{
+    while (path->len > 1 && path->data[path->len - 1] == '/') {
+        path->len--;
+    }
+
+    while (path->len > 1 && path->data[path->len - 1] != '/') {
+        path->len--;
+    }
+
+    if (path->len > 1) {
+        path->len--;
+    }
+}
+
+
+/* "!~App: app_root=<root><rest>\r\n", allocated in the pool. */
+ngx_int_t
+ngx_http_appmanager_make_app_line(ngx_pool_t *pool, ngx_str_t *root,
+    ngx_str_t *rest, ngx_str_t *line)
+{
+    u_char  *p;
+
+    line->len = sizeof("!~App: app_root=") - 1
+                + ngx_http_appmanager_escaped_len(root->data, root->len)
+                + rest->len + sizeof(CRLF) - 1;
+
+    line->data = ngx_pnalloc(pool, line->len);
+    if (line->data == NULL) {
         return NGX_ERROR;
     }
 
-    conf->app_line.data = p;
-    conf->app_line.len = len;
-
-    p = ngx_cpymem(p, "!~App: app_root=", sizeof("!~App: app_root=") - 1);
-    p = ngx_http_appmanager_escape(p, root.data, root.len);
-    p = ngx_cpymem(p, conf->app_rest.data, conf->app_rest.len);
+    p = ngx_cpymem(line->data, "!~App: app_root=",
+                   sizeof("!~App: app_root=") - 1);
+    p = ngx_http_appmanager_escape(p, root->data, root->len);
+    p = ngx_cpymem(p, rest->data, rest->len);
     *p++ = CR; *p = LF;
 
     return NGX_OK;

@@ -455,7 +455,6 @@ static ngx_int_t
 ngx_http_appmanager_dynamic_app_line(ngx_http_request_t *r,
     ngx_http_appmanager_loc_conf_t *alcf, ngx_str_t *line)
 {
-    u_char                     *p;
     ngx_str_t                   root;
     ngx_http_variable_value_t  *vv;
 
@@ -470,35 +469,10 @@ ngx_http_appmanager_dynamic_app_line(ngx_http_request_t *r,
 
     root.data = vv->data;
     root.len = vv->len;
+    ngx_http_appmanager_parent_dir(&root);
 
-    while (root.len > 1 && root.data[root.len - 1] == '/') {
-        root.len--;
-    }
-
-    while (root.len > 1 && root.data[root.len - 1] != '/') {
-        root.len--;
-    }
-
-    if (root.len > 1) {
-        root.len--;
-    }
-
-    line->len = sizeof("!~App: app_root=") - 1
-                + ngx_http_appmanager_escaped_len(root.data, root.len)
-                + alcf->app_rest.len + sizeof(CRLF) - 1;
-
-    line->data = ngx_pnalloc(r->pool, line->len);
-    if (line->data == NULL) {
-        return NGX_ERROR;
-    }
-
-    p = ngx_cpymem(line->data, "!~App: app_root=",
-                   sizeof("!~App: app_root=") - 1);
-    p = ngx_http_appmanager_escape(p, root.data, root.len);
-    p = ngx_cpymem(p, alcf->app_rest.data, alcf->app_rest.len);
-    *p++ = CR; *p = LF;
-
-    return NGX_OK;
+    return ngx_http_appmanager_make_app_line(r->pool, &root, &alcf->app_rest,
+                                             line);
 }
 
 

@@ -122,6 +122,9 @@ u_char *ngx_http_appmanager_escape(u_char *dst, u_char *src, size_t len);
 size_t ngx_http_appmanager_escaped_len(u_char *src, size_t len);
 ngx_int_t ngx_http_appmanager_set_socket(ngx_pool_t *pool, ngx_log_t *log,
     ngx_http_appmanager_main_conf_t *mcf, ngx_str_t *path);
+void ngx_http_appmanager_parent_dir(ngx_str_t *path);
+ngx_int_t ngx_http_appmanager_make_app_line(ngx_pool_t *pool, ngx_str_t *root,
+    ngx_str_t *rest, ngx_str_t *line);
 
 /* handler.c */
 ngx_int_t ngx_http_appmanager_handler(ngx_http_request_t *r);
