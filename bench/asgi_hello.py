@@ -20,12 +20,12 @@ from pathlib import Path
 from harness import (
     BENCH_DIR,
     Benchmark,
-    Condition,
     PeerSpec,
-    RatioSpec,
-    Target,
     appmanager_cmd,
+    interpreter_option,
     main,
+    rps_ratio,
+    rps_target,
 )
 from peers import AppManagerPeer, UvicornPeer
 
@@ -42,13 +42,6 @@ def have(m):
 print(f"uvicorn {uvicorn.__version__} on {have('uvloop')} and {have('httptools')}, "
       f"{platform.python_implementation()} {platform.python_version()}")
 """
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--python: the interpreter both peers run the app with."""
-    parser.add_argument(
-        "--python", default=sys.executable, help="Python that both peers run the app with"
-    )
 
 
 def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -79,16 +72,14 @@ BENCHMARK = Benchmark(
         PeerSpec("appmanager", "#2b6cb0", _appmanager),
         PeerSpec("uvicorn", "#8a8a8a", _uvicorn),
     ),
-    ratios=(
-        RatioSpec(
-            "rps_appmanager_over_uvicorn", "appmanager / uvicorn req/s", "appmanager", "uvicorn"
-        ),
-    ),
-    targets=(Target("req/s ≥ uvicorn's", (Condition("rps_appmanager_over_uvicorn", 1.0),)),),
+    ratios=(rps_ratio("uvicorn"),),
+    targets=(rps_target("req/s ≥ uvicorn's", "uvicorn"),),
     versions=versions,
     docs_versions=("uvicorn_version",),
     chart_footer="uvicorn: no core in the data path; uvloop and httptools; access log off",
-    add_arguments=add_arguments,
+    add_arguments=interpreter_option(
+        "--python", sys.executable, "Python that both peers run the app with"
+    ),
     notes=(
         "uvicorn: `python -m uvicorn --host 127.0.0.1 --port P --workers 2 --no-access-log "
         "app:app` in the app dir. Its default loop and HTTP parser (`auto`) are uvloop and "
