@@ -14,6 +14,8 @@ run them (a WSGI process never loads asyncio):
 - ``appmanager_python_wsgi.py``: the WSGI server, one request at a time
 - ``appmanager_python_asgi.py``: the ASGI server, an asyncio loop with many requests at once
 - ``appmanager_python_websocket.py``: WebSocket connections (RFC 6455) for the ASGI server
+- ``appmanager_python_http.py``: whole client connections (HTTP/1.1) for the ASGI server
+- ``appmanager_python_httpparse.py``: their request parser (httptools, or pure Python)
 - ``appmanager_python_preloader.py``: smart spawning, the preloader and its forked processes
 
 Standard library only: it runs under whatever interpreter, and virtualenv, the app uses.

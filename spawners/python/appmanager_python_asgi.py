@@ -4,15 +4,18 @@ Loaded by ``appmanager_python.py`` once the app is known to be an ASGI app. The 
 control channel with a reader callback; each ``Q`` message becomes a task that runs the app on an
 HTTP scope, or on a websocket scope when the core hands the connection over for an upgrade
 (``appmanager_python_websocket.py``). Requests are answered in any order, each with its own ``D``:
-READY says ``concurrency`` 0 (handoff.md).
+READY says ``concurrency`` 0 (handoff.md). Each ``C`` message hands over a whole client connection,
+whose requests the process reads and serves itself (``appmanager_python_http.py``): READY says
+``"connections": true``.
 
 The app's lifespan scope lasts as long as the process: its startup runs in step LOAD_APP, before
 READY; its shutdown after EOF on the control channel (or SIGTERM), once the requests in flight are
-answered.
+answered and the connections closed.
 
-What this server cannot know: that a client went away while the app works on its request. The
-core is the only reader of an HTTP connection (handoff.md), so ``http.disconnect`` comes once the
-response is sent or when a write to the client fails, never while the response is still owed.
+What this server cannot know of a request handed over with ``Q``: that its client went away while
+the app works on it. The core is the only reader of that connection (handoff.md), so
+``http.disconnect`` comes once the response is sent or when a write to the client fails, never
+while the response is still owed.
 """
 
 from __future__ import annotations
