@@ -118,7 +118,8 @@ def _directive_lines(values: dict[str, Any], role: str) -> list[str]:
     """Directives for the settings of ``role`` (``app`` or ``core``) that differ from their
     defaults, in the registry's order."""
     lines = []
-    for setting, value in changed_settings(values, role, ("app_root", "base_uri")):
+    # The template writes the instance directory itself (as nginx's does).
+    for setting, value in changed_settings(values, role, ("app_root", "base_uri", "instance_dir")):
         directive = apache_directive(setting.name)
         if setting.type == "env":
             for env_name, env_value in value.items():

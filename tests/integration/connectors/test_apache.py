@@ -510,6 +510,7 @@ def test_apache_config_output_runs(apache: ApacheFactory, tmp_path: Path) -> Non
     run_dir = apache.new_dir("apache")
     port = free_port()
     args = ["--config", str(toml), "--port", str(port), "--run-dir", str(run_dir)]
+    args += ["--instance-dir", str(run_dir / "core")]
     if os.geteuid() == 0:
         args += ["--user-switching", "off"]
     out = subprocess.run(
@@ -520,6 +521,7 @@ def test_apache_config_output_runs(apache: ApacheFactory, tmp_path: Path) -> Non
     )
     assert out.returncode == 0, out.stderr
     assert "AppManagerMaxPoolSize" in out.stdout and "ServerAlias www.flask.test" in out.stdout
+    assert out.stdout.count("AppManagerInstanceDir") == 1
     conf = run_dir / "httpd.conf"
     conf.write_text(out.stdout)
     server = ApacheServer(run_dir, conf, port)
