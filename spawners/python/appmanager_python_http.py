@@ -541,7 +541,9 @@ class HttpConnection:
             return
         status, reason = 400, f"malformed request: {exc}"
         codings = self.codings
-        if (
+        if isinstance(exc, httpparse.HeadTooLarge):
+            status, reason = 431, "request header section too large"
+        elif (
             self.in_head
             and codings is not None
             and self.content_length is None

@@ -42,6 +42,10 @@ class ParseError(Exception):
     """The request is malformed (the pure-Python parser's; httptools raises its own)."""
 
 
+class HeadTooLarge(ParseError):
+    """A head (or trailer section) still incomplete after MAX_BUFFERED_HEAD bytes: 431."""
+
+
 class Upgrade(Exception):  # noqa: N818 - named as httptools' HttpParserUpgrade is, minus the prefix
     """The request switches protocols; ``args[0]`` is where its bytes begin in the data fed."""
 
@@ -163,7 +167,7 @@ class RequestParser:
                 end = buffer.find(b"\r\n\r\n", pos)
                 if end < 0:
                     if len(buffer) - pos > MAX_BUFFERED_HEAD:
-                        raise ParseError("request head too large")
+                        raise HeadTooLarge("request head too large")
                     break
                 self.head(bytes(buffer[pos:end]))
                 pos = end + 4
@@ -208,7 +212,7 @@ class RequestParser:
                 end = buffer.find(b"\r\n", pos)
                 if end < 0:
                     if len(buffer) - pos > MAX_BUFFERED_HEAD:
-                        raise ParseError("trailer section too large")
+                        raise HeadTooLarge("trailer section too large")
                     break
                 line = bytes(buffer[pos:end])
                 pos = end + 2
