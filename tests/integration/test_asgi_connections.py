@@ -163,3 +163,22 @@ def test_beside_other_apps_each_request_reaches_its_own(server_factory, tmp_path
             assert status == 200 and json.loads(body)["root_path"] == "/asgi"
             status, body = ask(sock, reader, "/wsgi")
             assert status == 200 and json.loads(body)["PATH_INFO"] == "/wsgi"
+
+
+def test_websocket_after_a_request_on_the_same_connection(server_factory) -> None:
+    server = server_factory(ECHO)
+    with connect(server.port) as sock:
+        reader = HttpReader(sock)
+        assert ask(sock, reader, "/app/pid")[0] == 200
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert reader.read(head_only=True).status == 101
+        mask = b"\x01\x02\x03\x04"
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"hello"))
+        sock.sendall(b"\x81\x85" + mask + payload)
+        frame = reader.buf
+        while len(frame) < 7:
+            frame += sock.recv(100)
+        assert frame[:7] == b"\x81\x05hello"
