@@ -182,3 +182,16 @@ def test_websocket_after_a_request_on_the_same_connection(server_factory) -> Non
         while len(frame) < 7:
             frame += sock.recv(100)
         assert frame[:7] == b"\x81\x05hello"
+
+
+def test_memory_limit_retires_a_process_that_holds_connections(server_factory) -> None:
+    server = server_factory(ECHO, "--memory-limit", "60", "--max-pool-size", "2")
+    with connect(server.port) as sock:
+        reader = HttpReader(sock)
+        status, first = ask(sock, reader, "/app/grow?100")
+        assert status == 200
+        server.wait_for_log(f"process {first.decode()} retired: private memory", timeout=15)
+        # Idle between requests, the connection is closed by the retiring process.
+        assert sock.recv(100) == b""
+    server.wait_for_log(f"process {first.decode()} exited")
+    assert get(server.port, "/app/pid").body != first

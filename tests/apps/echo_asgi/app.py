@@ -16,6 +16,8 @@ from pathlib import Path
 MARKERS = os.environ.get("ECHO_ASGI_MARKERS")
 # What the last /app/disconnect request received after its response was sent.
 after_response: list[str] = []
+# What /app/grow holds on to, so that the process's private memory grows.
+BALLAST: list[bytearray] = []
 
 
 def jsonable(value):
@@ -133,6 +135,9 @@ async def http(scope, receive, send):
         await asyncio.sleep(float(query or "1"))
         await respond(send, str(os.getpid()).encode())
     elif path == "/app/pid":
+        await respond(send, str(os.getpid()).encode())
+    elif path == "/app/grow":
+        BALLAST.append(bytearray(int(query or "50") * 1024 * 1024))
         await respond(send, str(os.getpid()).encode())
     elif path == "/app/print":
         print("hello from the app's stdout")
