@@ -37,11 +37,11 @@ log = logging.getLogger("appmanager")
 STOP_GRACE = 10.0
 KILL_GRACE = 5.0
 
-# Control messages from processes land here: one buffer for all, each message is handled before
-# the next is read. Large enough for the longest L message (three fields of up to 8 KiB).
-_RECV = bytearray(65536)
-_RECV_VIEW = memoryview(_RECV)
-_D, _X, _N, _L = 0x44, 0x58, 0x4E, 0x4C
+# The largest control message a process sends: D (a few numbers), or, from one that takes whole
+# connections, L (three fields of up to 8 KiB). A small read is the cheaper on every request.
+RECV_SIZE = 256
+RECV_SIZE_CONNECTIONS = 65536
+_X, _N, _L = 0x58, 0x4E, 0x4C
 # A connection's slot (handoff.md, "Whole connections"): the request number, shifted left by two,
 # and its state; RECEIVED: a request arrived and its response has not begun.
 SLOT_STATE = 3
@@ -97,6 +97,7 @@ class Process:
         self.takes_connections = False
         self.slots: ConnectionSlots | None = None
         self._slots: dict[int, int] = {}
+        self.recv_size = RECV_SIZE
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -240,19 +241,18 @@ class Process:
         # One message per wake-up: the loop is level-triggered and calls again while more are
         # queued, and reading until EAGAIN would cost an extra syscall on every request.
         try:
-            nbytes = self.ctl.recv_into(_RECV)
+            msg = self.ctl.recv(self.recv_size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            nbytes = 0
-        if not nbytes:
+            msg = b""
+        if not msg:
             self._lost_channel()
             return
-        kind = _RECV[0]
-        if kind != _D or _RECV[1] != 0x20:
-            self._on_connection_message(kind, bytes(_RECV_VIEW[:nbytes]))
+        if msg[0:2] != b"D ":
+            self._on_connection_message(msg[0], msg)
             return
-        fields = bytes(_RECV_VIEW[:nbytes]).split(b" ")
+        fields = msg.split(b" ")
         session = self.sessions.pop(int(fields[1]), None)
         if session is None:
             log.error("process %d reported unknown request %s", self.pid, fields[1])

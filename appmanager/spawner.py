@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from appmanager.output import OutputCapture
 from appmanager.preloader import Preloader
-from appmanager.process import Process
+from appmanager.process import RECV_SIZE_CONNECTIONS, Process
 from appmanager.process_node import NodeProcess
 from appmanager.proxy import ProxyProcess
 from appmanager.slots import ConnectionSlots
@@ -465,6 +465,7 @@ def _finish(group: Group, proc: Process, kind: str, info: dict[str, Any]) -> Pro
             # An ASGI process: whole connections too, with 8-byte slots after the seq.
             proc.takes_connections = True
             proc.slots = ConnectionSlots(proc.progress_fd, 8, 8)
+            proc.recv_size = RECV_SIZE_CONNECTIONS
         reported = info.get("app_type")
         if isinstance(reported, str) and reported:
             group.app_type = reported
