@@ -843,6 +843,9 @@ class Worker:
         before READY goes out."""
         self.control.setblocking(False)
         self.loop.add_reader(self.control_fd, self.on_control)
+        # uvloop hears signals only while its loop runs: a SIGTERM between READY and serve() would
+        # be lost. It waits, blocked, until serve_until_stopped takes it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         self.loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         # An app may have set SIGPIPE back to its default, which would kill us on a client reset.
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -855,6 +858,8 @@ class Worker:
             self.close_loop()
 
     async def serve_until_stopped(self) -> None:
+        # The loop runs: SIGTERM reaches on_sigterm now, one that came since LISTEN included.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         await self.stopped
         # Open WebSocket connections would hold the process forever: the server goes away.
         for cycle in list(self.cycles):
