@@ -51,9 +51,10 @@ class Group:
         self._base = app.base_uri.encode()
         # The type the app's shim reported (a Python app becomes wsgi or asgi once it booted).
         self.app_type = app.spec.app_type
-        # Node apps take whole connections, and so do ASGI apps once a process said it takes
-        # them (READY); the others take one request at a time.
-        self.per_connection = app.spec.app_type == "node"
+        # Node and ASGI apps take whole connections once a process said it takes them (READY),
+        # when every request is theirs; the others, and those beside other apps, take one
+        # request at a time.
+        self.per_connection = False
         method = self.settings["spawn_method"]
         self.smart = app.spec.language in ("python", "ruby") and method != "direct"
         self.preloader: Preloader | None = None
@@ -329,10 +330,9 @@ class Group:
             # together.
             proc.request_limit = limit + random.randint(0, limit // 10)
         self.processes.append(proc)
-        if self.spec.app_type != "node":
-            # An ASGI process takes whole connections when every request is this app's; behind
-            # a host or path routing, a connection's next request could be another app's.
-            self.per_connection = proc.takes_connections and self.pool.takes_every_request(self)
+        # A process takes whole connections only when every request is this app's: behind host
+        # or path routing, or a connector, a connection's next request could be another app's.
+        self.per_connection = proc.takes_connections and self.pool.takes_every_request(self)
         proc.start_serving()
         self.pool.emit("spawned", app=self.name, pid=proc.pid)
         self.pool.on_process_ready(self)

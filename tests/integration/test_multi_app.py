@@ -179,3 +179,37 @@ def test_generic_app_that_never_listens(server_factory, tmp_path: Path) -> None:
     assert "failed to start: LISTEN failed" in server.banner
     resp = get(server.port)
     assert resp.status == 500
+
+
+def test_one_connection_reaches_node_python_and_ruby_apps_in_turn(
+    server_factory, tmp_path: Path
+) -> None:
+    """A Node app beside other apps takes requests one at a time, not the whole connection:
+    the connection's next request may be another app's."""
+    conf = write_config(
+        tmp_path,
+        f"""
+[[app]]
+root = "{APPS / "echo_node"}"
+base_uri = "/node"
+
+[[app]]
+root = "{APPS / "wsgi_echo"}"
+base_uri = "/py"
+
+[[app]]
+root = "{APPS / "echo_rack"}"
+base_uri = "/rb"
+""",
+    )
+    server = server_factory(None, "--config", str(conf))
+    with connect(server.port) as sock:
+        reader = HttpReader(sock)
+        for round_no in range(3):
+            sock.sendall(f"GET /node/n{round_no}?q=1 HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            node = json.loads(reader.read().body)
+            assert node["url"] == f"/n{round_no}?q=1"
+            sock.sendall(f"GET /py/p{round_no} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            assert json.loads(reader.read().body)["PATH_INFO"] == f"/p{round_no}"
+            sock.sendall(b"GET /rb/conformance?r=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert json.loads(reader.read().body)["query"] == "r=1"
