@@ -59,18 +59,24 @@ module AppManager
 
   METHODS = %w[GET HEAD POST PUT DELETE PATCH OPTIONS].to_h { |m| [m.b.freeze, m] }.freeze
   SCHEMES = { "http".b => "http", "https".b => "https" }.freeze
-  # Response headers the shim owns: framing and connection management are its job, not the app's.
-  # Looked up by the app's spelling first; only names of these lengths are worth a downcase.
+  # Response headers the shim owns, by lowercased name: framing and connection management are its
+  # job, not the app's. Every other valid name is :plain, and Rack 3's rack.* names are :rack.
   SPECIAL_HEADERS = {
     "connection" => :connection, "keep-alive" => :hop_by_hop, "transfer-encoding" => :hop_by_hop,
-    "content-length" => :content_length, "date" => :date,
-    "Connection" => :connection, "Keep-Alive" => :hop_by_hop, "Transfer-Encoding" => :hop_by_hop,
-    "Content-Length" => :content_length, "Date" => :date
+    "content-length" => :content_length, "date" => :date
   }.freeze
-  SPECIAL_LENGTHS = [4, 10, 14, 17].freeze
+  # Response header names are few and repeat; what each one is is cached, up to this many.
+  MAX_CACHED_RESPONSE_NAMES = 1000
   # Header names must not break the head apart; values may hold "\n" only as Rack 2's separator.
   INVALID_NAME = /[\r\n:]|\A\z/.freeze
+  CONTENT_LENGTH_VALUE = /\A\s*\d+\s*\z/.freeze
+  CR_OR_LF = /[\r\n]/.freeze
   DIGITS = /\A\d+\z/.freeze
+  # The env keys the shim sets on every request, besides the headers'.
+  REQUEST_KEYS = %w[
+    REQUEST_METHOD REQUEST_URI SERVER_PROTOCOL PATH_INFO QUERY_STRING REMOTE_ADDR REMOTE_PORT
+    SERVER_NAME SERVER_PORT rack.url_scheme rack.input
+  ].freeze
   SLASH = "/".ord
 
   # The core sent something this shim cannot read; a bug on one side or a version mismatch.
@@ -399,6 +405,13 @@ module AppManager
   # The descriptors in a message's SCM_RIGHTS ancillary data, in order, as IOs; Ruby receives
   # them close-on-exec (MSG_CMSG_CLOEXEC), so subprocesses of the app never hold clients.
   def received_ios(controls)
+    if controls.length == 1
+      # One SCM_RIGHTS message, as the core sends: its IOs as they are.
+      data = controls[0]
+      if data.level == Socket::SOL_SOCKET && data.type == Socket::SCM_RIGHTS
+        return data.unix_rights || []
+      end
+    end
     ios = []
     controls.each { |data| ios.concat(data.unix_rights || []) if data.cmsg_is?(:SOCKET, :RIGHTS) }
     ios
@@ -437,7 +450,10 @@ module AppManager
     # Writes all of data; raises SystemCallError (ETIMEDOUT when the client stops reading).
     def write(data)
       size = data.bytesize
-      sent = write_some(data)
+      sent = @io.write_nonblock(data, exception: false)
+      return if sent == size # all of it at once, as a small response goes
+
+      sent = 0 if sent == :wait_writable
       while sent < size
         wait_writable
         sent += write_some(data.byteslice(sent, size - sent))
@@ -489,9 +505,8 @@ module AppManager
     # One write_nonblock: how many bytes the socket took, 0 when its buffer is full. (select may
     # say writable when the buffer is still too full.)
     def write_some(data)
-      @io.write_nonblock(data)
-    rescue IO::WaitWritable
-      0
+      sent = @io.write_nonblock(data, exception: false)
+      sent == :wait_writable ? 0 : sent
     end
 
     # Waits until the client can take more bytes, at most WRITE_TIMEOUT seconds.
@@ -616,6 +631,59 @@ module AppManager
     end
   end
 
+  # The progress file (handoff.md): the seq of the response being begun, at offset 0.
+  #
+  # Written through a shared mapping of the file, a store that costs no system call, where Fiddle
+  # can map it (mmap(2)); else with pwrite. Either way the core sees the value when it reads the
+  # file after the process died.
+  class ProgressFile
+    MMAP =
+      begin
+        require "fiddle"
+        Fiddle::Function.new(
+          Fiddle::Handle::DEFAULT["mmap"],
+          [Fiddle::TYPE_VOIDP, Fiddle::TYPE_SIZE_T, Fiddle::TYPE_INT, Fiddle::TYPE_INT,
+           Fiddle::TYPE_INT, Fiddle::TYPE_LONG],
+          Fiddle::TYPE_VOIDP
+        )
+      rescue LoadError, StandardError
+        nil
+      end
+    PROT_READ_WRITE = 3
+    MAP_SHARED = 1
+    SIZE = 8
+
+    def initialize(io)
+      @io = io
+      @map = map(io)
+    end
+
+    def write(seq)
+      data = [seq].pack("Q<")
+      if @map
+        @map[0, SIZE] = data
+      else
+        @io.pwrite(data, 0)
+      end
+    end
+
+    private
+
+    # The file's first 8 bytes mapped shared, or nil. Only a regular file (a memfd is one) that
+    # holds them: a store past a file's end is a SIGBUS.
+    def map(io)
+      return nil unless MMAP && RUBY_PLATFORM.include?("linux")
+
+      stat = io.stat
+      return nil unless stat.file? && stat.size >= SIZE
+
+      pointer = MMAP.call(nil, SIZE, PROT_READ_WRITE, MAP_SHARED, io.fileno, 0)
+      pointer.null? || pointer.to_i == -1 ? nil : pointer
+    rescue StandardError
+      nil
+    end
+  end
+
   # The Date response header line, formatted at most once per second.
   class DateHeader
     def initialize
@@ -673,6 +741,35 @@ module AppManager
     end
   end
 
+  # What every response of a process shares: the progress file, the Date line, and the caches
+  # that spare each response work its predecessors did (status lines, what each header name is).
+  class ResponseContext
+    attr_reader :progress, :date, :status_lines, :header_kinds
+
+    def initialize(progress, status_lines)
+      @progress = ProgressFile.new(progress)
+      @date = DateHeader.new
+      # Status code => status line; codes Rack knows no reason for are added as they come.
+      @status_lines = status_lines
+      # Response header name => what the shim does with it (SPECIAL_HEADERS, :plain or :rack),
+      # for the valid names seen so far.
+      @header_kinds = {}
+    end
+
+    # What the shim does with a response header; raises for a name that is not a valid one.
+    def header_kind(name)
+      raise TypeError, "header name #{name.inspect} is not a String" unless name.is_a?(String)
+      if INVALID_NAME.match?(name)
+        raise ArgumentError, "header name #{name.inspect} holds CR, LF or ':'"
+      end
+
+      # Rack 3 reserves rack.* names for talking to the server.
+      kind = name.start_with?("rack.") ? :rack : SPECIAL_HEADERS[name.downcase] || :plain
+      @header_kinds[name] = kind if @header_kinds.size < MAX_CACHED_RESPONSE_NAMES
+      kind
+    end
+  end
+
   # One response on its way to the client: what the app returned and what has been sent.
   #
   # Lives for one request. Headers go out lazily, with the first non-empty body chunk or at the
@@ -683,22 +780,18 @@ module AppManager
     attr_reader :seq, :headers_sent, :finished, :bodiless, :code, :sent
     attr_accessor :keep_alive
 
-    def initialize(
-      conn, seq, progress, date, status_lines, is_head, http11, client_keepalive, keep_alive
-    )
+    def initialize(context, conn, seq, is_head, http11, client_keepalive, keep_alive)
+      @context = context
       @conn = conn
       @seq = seq
-      @progress = progress
-      @date = date
-      @status_lines = status_lines
       @is_head = is_head
       @http11 = http11
       # An HTTP/1.0 client asked for keep-alive; it only keeps the connection if told so.
       @client_keepalive = client_keepalive
       # Whether the connection may stay open; start and the framing can only lower it.
       @keep_alive = keep_alive
-      @status_line = nil
-      @header_lines = nil
+      # The status line and the app's header lines, which head completes.
+      @head = nil
       @content_length = nil
       @has_date = false
       @bodiless = is_head
@@ -714,44 +807,45 @@ module AppManager
 
     # Validates and takes the status and headers the app returned; raises before storing any.
     def start(status, headers)
-      code = status_code(status)
-      lines = +""
+      code = status
+      code = status_code(status) unless status.instance_of?(Integer) && status.between?(100, 999)
+      context = @context
+      # Grown as it fills: cheaper, for a small head, than one String.new with room.
+      head = +(context.status_lines[code] ||= "HTTP/1.1 #{code} \r\n".freeze)
       content_length = nil
       has_date = false
       keep_alive = @keep_alive
+      kinds = context.header_kinds
       headers.each do |name, value|
-        raise TypeError, "header name #{name.inspect} is not a String" unless name.is_a?(String)
-        if INVALID_NAME.match?(name)
-          raise ArgumentError, "header name #{name.inspect} holds CR, LF or ':'"
-        end
-        # Rack 3 reserves rack.* names for talking to the server.
-        next if name.start_with?("rack.")
-
-        special = SPECIAL_HEADERS[name]
-        if special.nil? && SPECIAL_LENGTHS.include?(name.bytesize)
-          special = SPECIAL_HEADERS[name.downcase]
-        end
-        case special
-        when nil
-          add_header(lines, name, value)
+        case kinds[name] || context.header_kind(name)
+        when :plain
+          if value.instance_of?(String) && !value.match?(CR_OR_LF)
+            add_line(head, name, value)
+          else
+            add_header(head, name, value)
+          end
         when :content_length
           text = value.is_a?(Array) && value.length == 1 ? value[0] : value
-          unless text.is_a?(String) && text.match?(/\A\s*\d+\s*\z/)
-            raise ArgumentError, "invalid Content-Length #{value.inspect}"
-          end
+          if text.instance_of?(String) && text.match?(DIGITS)
+            add_line(head, name, text)
+          else
+            unless text.is_a?(String) && text.match?(CONTENT_LENGTH_VALUE)
+              raise ArgumentError, "invalid Content-Length #{value.inspect}"
+            end
 
+            add_header(head, name, text)
+          end
           content_length = text.to_i
-          add_header(lines, name, text)
         when :date
           has_date = true
-          add_header(lines, name, value)
+          add_header(head, name, value)
         when :connection
           keep_alive = false if Array(value).any? { |v| v.to_s.downcase.include?("close") }
         end
+        # :hop_by_hop and :rack headers are dropped.
       end
-      @status_line = @status_lines[code] ||= "HTTP/1.1 #{code} \r\n".freeze
       @code = code
-      @header_lines = lines
+      @head = head
       @content_length = content_length
       @has_date = has_date
       @keep_alive = keep_alive
@@ -864,12 +958,12 @@ module AppManager
     end
 
     # Rack 2 puts several values of one header in one String, split by "\n"; Rack 3 in an Array.
-    def add_header(lines, name, value)
+    def add_header(head, name, value)
       if value.is_a?(String)
         raise ArgumentError, "header #{name}: #{value.inspect} holds CR" if value.include?("\r")
 
         unless value.include?("\n")
-          AppManager.append(AppManager.append(lines, name) << ": ", value) << CRLF
+          add_line(head, name, value)
           return
         end
         value = value.split("\n")
@@ -879,17 +973,27 @@ module AppManager
       value.each do |v|
         raise TypeError, "header #{name}: #{v.inspect} is not a String" unless v.is_a?(String)
 
-        add_header(lines, name, v)
+        add_header(head, name, v)
       end
     end
 
+    # Appends the header line "name: value", whatever the two Strings' encodings.
+    def add_line(head, name, value)
+      size = head.bytesize
+      head << name << ": " << value << CRLF
+    rescue Encoding::CompatibilityError
+      # Non-ASCII bytes in different encodings; on the wire they are bytes either way. The line
+      # goes again, whole, after what came before it.
+      head.force_encoding(BINARY)
+      head.slice!(size, head.bytesize - size)
+      head << name.b << ": " << value.b << CRLF
+    end
+
     # The status line and headers, framing (a Content-Length or Transfer-Encoding line, or nil)
-    # included; the Connection header follows keep_alive.
-    def head(framing, room = 0)
-      buf = String.new(capacity: 128 + @header_lines.bytesize + room)
-      buf << @status_line
-      AppManager.append(buf, @header_lines)
-      buf << @date.line unless @has_date
+    # included; the Connection header follows keep_alive. Called once, when the head goes out.
+    def head(framing)
+      buf = @head
+      buf << @context.date.line unless @has_date
       buf << framing if framing
       if !@keep_alive
         buf << CONNECTION_CLOSE
@@ -905,7 +1009,7 @@ module AppManager
         send_data(head(framing), 0, true)
         send_data(body, body.bytesize)
       else
-        send_data(AppManager.append(head(framing, body.bytesize), body), body.bytesize, true)
+        send_data(AppManager.append(head(framing), body), body.bytesize, true)
       end
     end
 
@@ -916,16 +1020,16 @@ module AppManager
       elsif @content_length
         @remaining = @content_length - [first.bytesize, @content_length].min
         first = first.byteslice(0, @content_length) if first.bytesize > @content_length
-        send_data(AppManager.append(head(nil, first.bytesize), first), first.bytesize, true)
+        send_data(AppManager.append(head(nil), first), first.bytesize, true)
       elsif @http11
         @chunked = true
-        buf = head(CHUNKED, first.bytesize + 12)
+        buf = head(CHUNKED)
         buf << first.bytesize.to_s(16) << CRLF
         send_data(AppManager.append(buf, first) << CRLF, first.bytesize, true)
       else
         # HTTP/1.0 cannot chunk: the body ends where the connection does.
         @keep_alive = false
-        send_data(AppManager.append(head(nil, first.bytesize), first), first.bytesize, true)
+        send_data(AppManager.append(head(nil), first), first.bytesize, true)
       end
     end
 
@@ -934,7 +1038,7 @@ module AppManager
     def send_data(data, count, head = false)
       if head
         # handoff.md: the core reads this only if the process dies holding the request.
-        @progress.pwrite([@seq].pack("Q<"), 0)
+        @context.progress.write(@seq)
         @headers_sent = true
       end
       begin
@@ -961,17 +1065,16 @@ module AppManager
       # Only now, with the app's bundle set up: stringio is a gem the bundle may pin.
       require "stringio"
       @control = control
-      @progress = progress
       @app = app
       @development = config.environment == "development"
       # "/" or "/app/" mean the same mount point as "" and "/app".
       @base_uri = config.base_uri.sub(%r{/+\z}, "").freeze
       # Compared with request paths, which are bytes.
       @base_path = @base_uri.b.freeze
-      @date = DateHeader.new
       # Every status line Rack knows a reason for, made before the first request needs one.
       reasons = defined?(Rack::Utils::HTTP_STATUS_CODES) ? Rack::Utils::HTTP_STATUS_CODES : {}
-      @status_lines = reasons.to_h { |code, why| [code, "HTTP/1.1 #{code} #{why}\r\n".freeze] }
+      status_lines = reasons.to_h { |code, why| [code, "HTTP/1.1 #{code} #{why}\r\n".freeze] }
+      @context = ResponseContext.new(progress, status_lines)
       @header_keys = {}
       @base_env = {
         "SCRIPT_NAME" => @base_uri,
@@ -985,6 +1088,9 @@ module AppManager
       }
       # Rack 3 made rack.version optional, and Rack 3.1 dropped the constant.
       @base_env["rack.version"] = Rack::VERSION if defined?(Rack::VERSION)
+      # The keys every request sets, in place already: a copy of this table has room for them
+      # and a few headers, and is not grown and rehashed while the request fills it.
+      REQUEST_KEYS.each { |key| @base_env[key] = nil }
       @idle = false
       @stopping = false
     end
@@ -1010,7 +1116,8 @@ module AppManager
         ensure
           ios.each(&:close)
         end
-        @control.sendmsg(reply) if reply
+        # send, not sendmsg: one message all the same, without sendmsg's Ruby-side wrapper.
+        @control.send(reply, 0) if reply
       end
     rescue Stop
       nil
@@ -1045,7 +1152,7 @@ module AppManager
         return nil
       end
       begin
-        response = serve_request(message, msg_flags, ios, end_of_line, fields)
+        response = serve_request(message, msg_flags, ios, end_of_line, fields, seq)
       rescue ProtocolError => e
         AppManager.log("request #{seq}: protocol error: #{e.message}")
         return "D #{seq} c"
@@ -1062,17 +1169,23 @@ module AppManager
     end
 
     # Reads a request message, calls the app on it; returns its response, as far as it went.
-    def serve_request(message, msg_flags, ios, end_of_line, fields)
+    def serve_request(message, msg_flags, ios, end_of_line, fields, seq)
       raise ProtocolError, "message or descriptors truncated" unless (msg_flags & TRUNCATED).zero?
       if fields.length != 10 || fields[0] != "Q"
         raise ProtocolError, "expected 10 fields in a Q line, got #{fields.join(" ").inspect}"
       end
 
-      _, seq, flags, raddr, rport, saddr, sport, scheme, head_len, body_len = fields
-      seq = Integer(seq, 10)
+      _, _, flags, raddr, rport, saddr, sport, scheme, head_len, body_len = fields
       head_len = Integer(head_len, 10)
       body_len = Integer(body_len, 10)
-      body_in_file = flags.include?("F")
+      if flags == "K" # the common case, spared the searches below
+        body_in_file = false
+        may_keep_alive = true
+      else
+        body_in_file = flags.include?("F")
+        # An upgrade request makes the connection the process's until its D, which closes it.
+        may_keep_alive = flags.include?("K") && !flags.include?("U")
+      end
       start = end_of_line + 1
       expected = start + head_len + (body_in_file ? 0 : body_len)
       if expected != message.bytesize || ios.length != (body_in_file ? 2 : 1)
@@ -1094,12 +1207,9 @@ module AppManager
           StringIO.new(body_len.zero? ? EMPTY : message.byteslice(start + head_len, body_len))
         end
 
-      # An upgrade request makes the connection the process's until its D, which closes it.
-      keep_alive = flags.include?("K") && !flags.include?("U") && !client_close &&
-                   (http11 || client_keepalive)
+      keep_alive = may_keep_alive && !client_close && (http11 || client_keepalive)
       response = Response.new(
-        ClientConnection.new(ios[0]), seq, @progress, @date, @status_lines,
-        is_head, http11, client_keepalive, keep_alive
+        @context, ClientConnection.new(ios[0]), seq, is_head, http11, client_keepalive, keep_alive
       )
       run_app(env, response)
       response
@@ -1108,37 +1218,50 @@ module AppManager
     # Builds the env from the request head; also returns, for the response: is it HEAD, is it
     # HTTP/1.1, did the client ask to close, did an HTTP/1.0 client ask for keep-alive.
     def environ(head, body_len)
-      # Split on LF and strip CR from what matters: CRLF is standard, a bare LF costs nothing.
-      lines = head.split("\n")
-      method, target, version, extra = lines[0]&.split(" ")
+      # Lines end at LF; CR is stripped from what matters: CRLF is standard, a bare LF costs
+      # nothing. The head is bytes, so index counts bytes; lines are found in it, not split off.
+      size = head.bytesize
+      eol = head.index("\n") || size
+      request_line = head.byteslice(0, eol)
+      method, target, version, extra = request_line.split(" ")
       if version.nil? || extra
-        raise ProtocolError, "unreadable request line #{lines[0].to_s[0, 80].inspect}"
+        raise ProtocolError, "unreadable request line #{request_line[0, 80].inspect}"
       end
 
       env = @base_env.dup
       env["REQUEST_METHOD"] = METHODS[method] || method
       env["REQUEST_URI"] = target
       env["SERVER_PROTOCOL"] = version
-      path, query = target.split("?", 2)
-      env["PATH_INFO"] = path_info(path)
-      env["QUERY_STRING"] = query || EMPTY
+      # Request targets are bytes: index counts bytes. PATH_INFO is a String of its own, not
+      # REQUEST_URI's, which an app that changes one in place would change too.
+      query = target.index("?")
+      if query
+        env["PATH_INFO"] = path_info(target.byteslice(0, query))
+        env["QUERY_STRING"] = target.byteslice(query + 1, target.bytesize - query - 1)
+      else
+        env["PATH_INFO"] = path_info(target.dup)
+        env["QUERY_STRING"] = EMPTY
+      end
 
       keys = @header_keys
-      i = 1
-      while (line = lines[i])
-        i += 1
-        colon = line.index(":")
-        next unless colon
+      start = eol + 1
+      while start < size
+        eol = head.index("\n", start) || size
+        colon = head.index(":", start)
+        break unless colon # no header in the rest of the head
 
-        name = line.byteslice(0, colon)
-        key = keys[name]
-        key = environ_key(name) if key.nil?
-        next if key.empty?
-
-        value = line.byteslice(colon + 1, line.bytesize - colon - 1)
-        value.strip! # in place: one String fewer per header
-        previous = env[key]
-        env[key] = previous ? "#{previous}#{key == "HTTP_COOKIE" ? "; " : ", "}#{value}" : value
+        if colon < eol # else this line has none
+          name = head.byteslice(start, colon - start)
+          key = keys[name]
+          key = environ_key(name) if key.nil?
+          unless key.empty?
+            value = head.byteslice(colon + 1, eol - colon - 1)
+            value.strip! # in place: one String fewer per header
+            previous = env[key]
+            env[key] = previous ? "#{previous}#{key == "HTTP_COOKIE" ? "; " : ", "}#{value}" : value
+          end
+        end
+        start = eol + 1
       end
 
       # The core de-chunked the body; its length is body_len, whatever the head says.
@@ -1209,7 +1332,12 @@ module AppManager
     # Sends the app's body, taking the cheapest path its type allows.
     def send_body(body, response)
       # The hot path: the whole body is known, so one write carries headers and body.
-      return response.send_whole(join(body)) if body.instance_of?(Array)
+      if body.instance_of?(Array)
+        chunk = body[0]
+        return response.send_whole(chunk) if body.length == 1 && chunk.instance_of?(String)
+
+        return response.send_whole(join(body))
+      end
       return if body.respond_to?(:to_path) && response.send_file(body.to_path)
 
       if body.respond_to?(:each)
