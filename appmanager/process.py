@@ -19,6 +19,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from appmanager import errors
 from appmanager.request import INLINE_LIMIT, Request, body_fd
 from appmanager.session import Session
 from appmanager.slots import ConnectionSlots
@@ -396,6 +397,29 @@ class Process:
         self.sessions.clear()
         self._answer_lost(sessions)
         self.group.on_process_lost(self, had_sessions=bool(sessions))
+
+    def finish_relayed(
+        self,
+        session: Session,
+        request: Request,
+        answered: bool,
+        keep: bool,
+        status: int | None,
+        size: int,
+    ) -> None:
+        """A request the core relayed over a connection of its own (``relay.py``: generic apps,
+        Node apps behind a connector) is over: count it and serve what waits, or answer 502
+        when the app gave no response."""
+        conn = session.conn
+        if answered:
+            self.processed += 1
+            self.group.on_session_done(self, session, keep, status, size)
+        else:
+            conn.respond(errors.simple_response(502, "the app did not answer"), close=True)
+            self.group.pool.log_access(conn, request.head, 502, None)
+            self.group.serve_waiting(self)
+        if self.state is ProcessState.STOPPING and not self.sessions:
+            self._close_channel()
 
     def _answer_lost(self, sessions: list[Session]) -> None:
         """Answer the requests a dead process held: 502 where its response had not begun (504

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from appmanager import errors
 from appmanager.process import Process
 from appmanager.relay import ResponseState, relay_response, send_request
 from appmanager.session import Session
@@ -223,18 +222,10 @@ class NodeProcess(Process):
             ours.close()
         if self.sessions.pop(session.seq, None) is None:
             return  # the process died meanwhile: _answer_lost answered
-        if relayed:
-            self.processed += 1
-            status = parser.get_status_code() if relay.state.headers_done else None
-            self.group.on_session_done(
-                self, session, keep and keep_alive, status, relay.state.body_bytes
-            )
-        else:
-            conn.respond(errors.simple_response(502, "the app did not answer"), close=True)
-            self.group.pool.log_access(conn, request.head, 502, None)
-            self.group.serve_waiting(self)
-        if self.state.name == "STOPPING" and not self.sessions:
-            self._close_channel()
+        status = parser.get_status_code() if relay.state.headers_done else None
+        self.finish_relayed(
+            session, request, relayed, keep and keep_alive, status, relay.state.body_bytes
+        )
 
     def _conn_message(self, conn: Connection, seq: int, slot: int, data: bytes) -> bytes:
         """An APPMANAGER_CONN line: a connection, with the bytes already read from it."""

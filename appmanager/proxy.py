@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from appmanager import errors
 from appmanager.process import Process
 from appmanager.relay import ResponseState, relay_response, send_request
 from appmanager.session import Session
@@ -115,16 +114,8 @@ class ProxyProcess(Process):
             if upstream is not None:
                 upstream.close()
         self.sessions.pop(session.seq, None)
-        if relayed:
-            self.processed += 1
-            status = parser.get_status_code() if state.headers_done else None
-            self.group.on_session_done(self, session, keep, status, state.body_bytes)
-        else:
-            conn.respond(errors.simple_response(502, "the app did not answer"), close=True)
-            self.group.pool.log_access(conn, request.head, 502, None)
-            self.group.serve_waiting(self)
-        if self.state is ProcessState.STOPPING and not self.sessions:
-            self._close_channel()
+        status = parser.get_status_code() if state.headers_done else None
+        self.finish_relayed(session, request, relayed, keep, status, state.body_bytes)
 
     async def _upstream(self) -> socket.socket:
         while self._idle:
