@@ -119,20 +119,12 @@ def _serve(server: Any) -> None:
     if values["daemonize"]:
         banner = _daemonize()
     configure_logging(values)
-    pid_file = values["pid_file"]
-    if pid_file:
-        with open(pid_file, "w") as f:
-            f.write(f"{os.getpid()}\n")
-    try:
-        import uvloop
+    import uvloop
 
+    from appmanager.pidfile import pid_file
+
+    with pid_file(values["pid_file"]):
         status = uvloop.run(server.run(banner))
-    finally:
-        if pid_file:
-            try:
-                os.unlink(pid_file)
-            except OSError:
-                pass
     sys.exit(status)
 
 

@@ -26,6 +26,7 @@ import psutil
 
 from appmanager import __version__, nginxbuild, nginxconf
 from appmanager.connectorbuild import BuildError
+from appmanager.pidfile import pid_file
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -201,18 +202,9 @@ class NginxEngine:
 
 def run_engine(plan: Any) -> int:
     """Serve ``plan`` with nginx in front of the core; returns the exit status."""
-    pid_file = plan.settings["pid_file"]
-    if pid_file:
-        with open(pid_file, "w") as f:
-            f.write(f"{os.getpid()}\n")
-    try:
-        return NginxEngine(plan).run(sys.stdout)
-    except EngineError as exc:
-        print(f"appmanager: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if pid_file:
-            try:
-                os.unlink(pid_file)
-            except OSError:
-                pass
+    with pid_file(plan.settings["pid_file"]):
+        try:
+            return NginxEngine(plan).run(sys.stdout)
+        except EngineError as exc:
+            print(f"appmanager: {exc}", file=sys.stderr)
+            return 1
