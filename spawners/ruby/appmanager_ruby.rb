@@ -6,7 +6,8 @@
 # the progress file on fd 4 (docs/protocol/spawn.md). The shim loads config.ru, answers READY, then
 # serves one request at a time: each arrives on the control channel together with the client
 # connection's descriptor (docs/protocol/handoff.md); the shim calls the app, writes the response
-# straight to the client and reports back with "D <seq> <k|c>". With "spawn_method": "smart" it
+# straight to the client and reports back with "D <seq> <k|c>". When the app gets every request
+# the core hands over whole connections instead (C), which appmanager_ruby_http.rb serves. With "spawn_method": "smart" it
 # is a preloader instead: it loads config.ru once and forks app processes on the core's command,
 # each of which then serves the same way.
 #
@@ -224,7 +225,7 @@ module AppManager
   # What the SPAWN message says about the app; unknown keys are ignored (spawn.md).
   SpawnConfig = Struct.new(
     :protocol, :app_root, :app_type, :startup_file, :environment, :base_uri, :app_name,
-    :spawn_method, :core_pid,
+    :spawn_method, :core_pid, :access_log, :max_requests,
     keyword_init: true
   ) do
     # Parses "SPAWN {json}"; raises ProtocolError when it is anything else.
@@ -251,7 +252,9 @@ module AppManager
           base_uri: (data["base_uri"] || "").to_s,
           app_name: (data["app_name"] || "").to_s,
           spawn_method: (data["spawn_method"] || "direct").to_s,
-          core_pid: data["core_pid"] && Integer(data["core_pid"])
+          core_pid: data["core_pid"] && Integer(data["core_pid"]),
+          access_log: data["access_log"] == true,
+          max_requests: Integer(data["max_requests"] || 0)
         )
       rescue KeyError, TypeError, ArgumentError => e
         raise ProtocolError, "SPAWN message lacks or mangles a key: #{e.message}"
@@ -631,7 +634,8 @@ module AppManager
     end
   end
 
-  # The progress file (handoff.md): the seq of the response being begun, at offset 0.
+  # The progress file (handoff.md): the seq of the response being begun, at offset 0, then the
+  # slots of the connections the process holds whole, 8 bytes each.
   #
   # Written through a shared mapping of the file, a store that costs no system call, where Fiddle
   # can map it (mmap(2)); else with pwrite. Either way the core sees the value when it reads the
@@ -655,6 +659,7 @@ module AppManager
 
     def initialize(io)
       @io = io
+      @size = 0
       @map = map(io)
     end
 
@@ -667,18 +672,35 @@ module AppManager
       end
     end
 
+    # Sets a connection's slot (handoff.md, "Whole connections").
+    def set_slot(slot, word)
+      offset = SIZE + SIZE * slot
+      data = [word].pack("Q<")
+      if @map && offset + SIZE <= @size
+        @map[offset, SIZE] = data
+      else
+        @io.pwrite(data, offset)
+      end
+    rescue SystemCallError, IOError
+      nil # a slot the file cannot hold: the core then closes that connection rather than 502
+    end
+
     private
 
-    # The file's first 8 bytes mapped shared, or nil. Only a regular file (a memfd is one) that
-    # holds them: a store past a file's end is a SIGBUS.
+    # The whole file mapped shared, or nil. Only a regular file (a memfd is one) that holds the
+    # seq: a store past a file's end is a SIGBUS. Pages are only allocated where written.
     def map(io)
       return nil unless MMAP && RUBY_PLATFORM.include?("linux")
 
       stat = io.stat
       return nil unless stat.file? && stat.size >= SIZE
 
-      pointer = MMAP.call(nil, SIZE, PROT_READ_WRITE, MAP_SHARED, io.fileno, 0)
-      pointer.null? || pointer.to_i == -1 ? nil : pointer
+      pointer = MMAP.call(nil, stat.size, PROT_READ_WRITE, MAP_SHARED, io.fileno, 0)
+      return nil if pointer.null? || pointer.to_i == -1
+
+      @size = stat.size
+      pointer.size = stat.size
+      pointer
     rescue StandardError
       nil
     end
@@ -803,6 +825,16 @@ module AppManager
       @code = 0
       # Body bytes written, for the access log; -1 until the head went out.
       @sent = -1
+      # Where, and with what, the response's start is recorded (handoff.md): the seq at the
+      # progress file's start, or a connection's slot.
+      @progress = context.progress
+      @mark = seq
+    end
+
+    # Records the response's start in a connection's slot instead: word, through progress.
+    def mark(progress, word)
+      @progress = progress
+      @mark = word
     end
 
     # Validates and takes the status and headers the app returned; raises before storing any.
@@ -1038,7 +1070,7 @@ module AppManager
     def send_data(data, count, head = false)
       if head
         # handoff.md: the core reads this only if the process dies holding the request.
-        @context.progress.write(@seq)
+        @progress.write(@mark)
         @headers_sent = true
       end
       begin
@@ -1061,10 +1093,18 @@ module AppManager
   # SIGTERM. Owns the descriptors that come with each request and closes them when the request is
   # answered; between requests it keeps only caches.
   class Worker
+    attr_reader :context, :stopping
+    attr_accessor :idle
+
     def initialize(control, progress, app, config)
-      # Only now, with the app's bundle set up: stringio is a gem the bundle may pin.
+      # Only now, with the app's bundle set up: stringio is a gem the bundle may pin, and
+      # connections need tempfile.
       require "stringio"
+      require_relative "appmanager_ruby_http"
       @control = control
+      @config = config
+      # Serves whole connections once the core hands over the first (C).
+      @connections = nil
       @app = app
       @development = config.environment == "development"
       # "/" or "/app/" mean the same mount point as "" and "/app".
@@ -1099,6 +1139,14 @@ module AppManager
     # the request finish.
     def serve
       loop do
+        connections = @connections
+        if connections && !connections.connections.empty?
+          # Whole connections held: their loop reads the control channel too, until none is left.
+          return unless connections.run
+          return if connections.closing?
+
+          next
+        end
         # idle goes up before stopping is checked, so a TERM between the two still stops us. A
         # TERM right after the receive returns loses that request; the core sees the process die
         # holding it with no progress recorded, and answers 502.
@@ -1110,14 +1158,7 @@ module AppManager
         @idle = false
         return if message.empty? && controls.empty?
 
-        ios = AppManager.received_ios(controls)
-        begin
-          reply = handle(message, msg_flags, ios)
-        ensure
-          ios.each(&:close)
-        end
-        # send, not sendmsg: one message all the same, without sendmsg's Ruby-side wrapper.
-        @control.send(reply, 0) if reply
+        handle_message(message, msg_flags, AppManager.received_ios(controls))
       end
     rescue Stop
       nil
@@ -1138,6 +1179,36 @@ module AppManager
     def on_sigterm
       @stopping = true
       raise Stop if @idle
+    end
+
+    # Serves one message from the core: a request (Q), answered with D, or a connection (C).
+    def handle_message(message, msg_flags, ios)
+      return take_connection(message, msg_flags, ios) if message.start_with?("C ")
+
+      begin
+        reply = handle(message, msg_flags, ios)
+      ensure
+        ios.each(&:close)
+      end
+      # send, not sendmsg: one message all the same, without sendmsg's Ruby-side wrapper.
+      @control.send(reply, 0) if reply
+    end
+
+    # Takes a whole connection (C); a malformed message is logged and answered X.
+    def take_connection(message, msg_flags, ios)
+      end_of_line = message.index("\n") || message.bytesize
+      fields = message.byteslice(0, end_of_line).split(" ")
+      @connections ||= ConnectionServer.new(self, @control, @context.progress, @config)
+      begin
+        raise ProtocolError, "message or descriptors truncated" unless (msg_flags & TRUNCATED).zero?
+
+        @connections.add(message, end_of_line, fields, ios)
+      rescue StandardError => e
+        AppManager.log("connection: protocol error: #{e.message}")
+        ios.each { |io| io.close unless io.closed? }
+        seq = fields[1]
+        @control.send("X #{seq} 0", 0) if seq&.match?(DIGITS)
+      end
     end
 
     # Serves one Q message; returns the D reply, or nil when it has no seq. The reply carries the
@@ -1216,7 +1287,9 @@ module AppManager
     end
 
     # Builds the env from the request head; also returns, for the response: is it HEAD, is it
-    # HTTP/1.1, did the client ask to close, did an HTTP/1.0 client ask for keep-alive.
+    # HTTP/1.1, did the client ask to close, did an HTTP/1.0 client ask for keep-alive. With a
+    # body_len (the core's de-chunked length) the framing headers are set to it; with nil they
+    # stay as sent, for a connection's own parser to read.
     def environ(head, body_len)
       # Lines end at LF; CR is stripped from what matters: CRLF is standard, a bare LF costs
       # nothing. The head is bytes, so index counts bytes; lines are found in it, not split off.
@@ -1264,10 +1337,12 @@ module AppManager
         start = eol + 1
       end
 
-      # The core de-chunked the body; its length is body_len, whatever the head says.
-      chunked = env.delete("HTTP_TRANSFER_ENCODING")
-      if body_len.positive? || chunked || env.key?("CONTENT_LENGTH")
-        env["CONTENT_LENGTH"] = body_len.to_s
+      if body_len
+        # The core de-chunked the body; its length is body_len, whatever the head says.
+        chunked = env.delete("HTTP_TRANSFER_ENCODING")
+        if body_len.positive? || chunked || env.key?("CONTENT_LENGTH")
+          env["CONTENT_LENGTH"] = body_len.to_s
+        end
       end
 
       client_close = client_keepalive = false
@@ -1305,8 +1380,9 @@ module AppManager
     def environ_key(name)
       key = EMPTY
       # Names with "_" would collide with the "-" spelling once mapped (header smuggling), and
-      # whitespace in a name is never valid; nginx and gunicorn drop both too.
-      unless name.empty? || name.match?(/[_ \t\r]/)
+      # whitespace in a name is never valid; nginx and gunicorn drop both too. Connector fields
+      # (!~) are the core's alone: a client's never reach the app.
+      unless name.empty? || name.match?(/[_ \t\r]/) || name.start_with?("!~")
         key = name.upcase.tr("-", "_")
         key = "HTTP_#{key}" unless key == "CONTENT_TYPE" || key == "CONTENT_LENGTH"
         key = -key
@@ -1635,7 +1711,8 @@ module AppManager
     rescue Exception => e # a hook fails like config.ru can
       return report_failure(control, "LISTEN", e)
     end
-    ready = { "pid" => Process.pid, "concurrency" => 1, "protocol" => PROTOCOL }
+    # One request at a time, over whole connections too (handoff.md, "One request at a time").
+    ready = { "pid" => Process.pid, "concurrency" => 1, "connections" => true, "protocol" => PROTOCOL }
     return 1 unless answer(control, "READY", ready)
 
     worker.serve

@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from python_shim import Connection, Result, http_head, parse_response, split_done
+from python_shim import (
+    Connection,
+    Result,
+    WholeConnections,
+    http_head,
+    parse_response,
+    split_done,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = ROOT / "spawners" / "ruby" / "appmanager_ruby.rb"
@@ -81,7 +88,7 @@ def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tu
 
 
 @dataclass
-class Shim:
+class Shim(WholeConnections):
     """A running shim process and the core's ends of its channels."""
 
     process: subprocess.Popen[bytes]
@@ -219,13 +226,15 @@ class Shim:
         self.process.wait(TIMEOUT)
 
 
-def start_shim(directory: Path, log_dir: Path, **env_vars: str) -> Shim:
-    """Starts the shim the way the core does: fds 3 and 4, its own session, app root as cwd."""
+def start_shim(directory: Path, log_dir: Path, progress_size: int = 8, **env_vars: str) -> Shim:
+    """Starts the shim the way the core does: fds 3 and 4, its own session, app root as cwd.
+    The progress file holds the seq of the Q path, and ``progress_size`` makes room for the
+    slots of whole connections (handoff.md) too."""
     assert RUBY is not None
     core_end, shim_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     core_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     progress_path = log_dir / "progress"
-    progress_path.write_bytes(bytes(8))
+    progress_path.write_bytes(bytes(progress_size))
     progress_fd = os.open(progress_path, os.O_RDWR | os.O_CLOEXEC)
     log_path = log_dir / "shim.log"
     control_fd = shim_end.fileno()
@@ -346,7 +355,12 @@ HELLO_APP = """
 def test_ready_names_the_pid_and_concurrency(spawn: Any) -> None:
     shim, tag, payload = spawn({"config.ru": HELLO_APP})
     assert tag == "READY"
-    assert payload == {"pid": shim.process.pid, "concurrency": 1, "protocol": 1}
+    assert payload == {
+        "pid": shim.process.pid,
+        "concurrency": 1,
+        "connections": True,
+        "protocol": 1,
+    }
     assert shim.request(http_head()).response.body == b"hello from config.ru"
 
 

@@ -131,7 +131,12 @@ class Preloader:
         forked = self.send_fork()
         tag, payload = forked.receive()
         assert tag == "READY", f"{payload}\n{self.shim.log()}"
-        assert payload == {"pid": forked.pid, "concurrency": 1, "protocol": 1}
+        assert payload == {
+            "pid": forked.pid,
+            "concurrency": 1,
+            "connections": True,
+            "protocol": 1,
+        }
         return forked
 
     def stop(self) -> None:
