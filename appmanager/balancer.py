@@ -21,8 +21,11 @@ def least_busy(processes: Iterable[Process]) -> Process | None:
         if proc.state is not ProcessState.READY:
             continue
         busy = len(proc.sessions)
-        if proc.concurrency == 0:
-            # Unlimited processes are compared by raw count, after any idle limited one.
+        if proc.concurrency == 0 or (proc.takes_connections and proc.group.per_connection):
+            # Unlimited processes, and those that take connections, are compared by raw count,
+            # after any idle limited one; one that said it is busy (S) takes none.
+            if proc.busy:
+                continue
             load = busy / (busy + 1)
         elif busy >= proc.concurrency:
             continue

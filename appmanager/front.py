@@ -222,6 +222,17 @@ class Connection:
         self.group = group
         return True
 
+    def take_back(self, data: bytes) -> None:
+        """A process that held this connection whole gave it back (``B``): read it again,
+        ``data`` (what the process read and did not serve) first. The Group then finishes the
+        session, which reads the next request."""
+        self.handed = False
+        if data:
+            self.buf[:0] = data
+        self.last_active = time.monotonic()
+        if not self.eof and not self.closed and not self.paused:
+            self._loop.add_reader(self.fd, self._on_readable)
+
     def give_away(self) -> None:
         """A process now reads this connection itself (upgrade, or a Node process): stop
         reading it; the core keeps its descriptor until the process is done with it."""

@@ -2,9 +2,11 @@
 
 This module holds the handoff data path (``docs/protocol/handoff.md``): sending a request with the
 client's descriptor, reading ``D`` messages back, and what happens to in-flight requests when the
-process dies. A process that says ``"connections": true`` in READY (ASGI) also takes whole
+process dies. A process that says ``"connections": true`` in READY (ASGI, Rack) also takes whole
 connections (``C``), reports them closed (``X``), counts their requests (``N``) and reports their
-responses for the access log (``L``).
+responses for the access log (``L``); one that serves them one request at a time (Rack) says when
+a request runs long (``S``, then ``R``) and gives its idle connections back meanwhile (``B``).
+
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ KILL_GRACE = 5.0
 # connections, L (three fields of up to 8 KiB). A small read is the cheaper on every request.
 RECV_SIZE = 256
 RECV_SIZE_CONNECTIONS = 65536
-_X, _N, _L = 0x58, 0x4E, 0x4C
+_X, _N, _L, _B, _S, _R = 0x58, 0x4E, 0x4C, 0x42, 0x53, 0x52
 # A connection's slot (handoff.md, "Whole connections"): the request number, shifted left by two,
 # and its state; RECEIVED: a request arrived and its response has not begun.
 SLOT_STATE = 3
@@ -99,6 +101,9 @@ class Process:
         self.slots: ConnectionSlots | None = None
         self._slots: dict[int, int] = {}
         self.recv_size = RECV_SIZE
+        # Said S (a request runs long, handoff.md "One request at a time"): no new connection
+        # until R.
+        self.busy = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -200,9 +205,12 @@ class Process:
     # -- the data path ---------------------------------------------------------------------------
 
     def can_take(self) -> bool:
-        return self.state is ProcessState.READY and (
-            self.concurrency == 0 or len(self.sessions) < self.concurrency
-        )
+        if self.state is not ProcessState.READY:
+            return False
+        if self.takes_connections and self.group.per_connection:
+            # Connections, not requests: as many as it is given, unless it said it is busy.
+            return not self.busy
+        return self.concurrency == 0 or len(self.sessions) < self.concurrency
 
     def handoff(self, conn: Connection, request: Request, keep_alive: bool) -> bool:
         """Pass ``request`` and the client's descriptor to the process. False when the process is
@@ -309,7 +317,7 @@ class Process:
         return True
 
     def _on_connection_message(self, kind: int, msg: bytes) -> None:
-        """``X``, ``N`` or ``L`` from a process that takes whole connections."""
+        """``X``, ``N``, ``L``, ``S``, ``B`` or ``R``: from a process that takes connections."""
         try:
             if kind == _X:
                 _, seq, count = msg.split(b" ")
@@ -319,6 +327,17 @@ class Process:
                 self._count_requests(int(msg[2:]))
             elif kind == _L:
                 self._log_response(msg)
+            elif kind == _B:
+                first, _, data = msg.partition(b"\n")
+                _, seq, count = first.split(b" ")
+                self._count_requests(int(count))
+                self._connection_returned(int(seq), data)
+            elif kind == _S:
+                self.busy = True
+            elif kind == _R:
+                self.busy = False
+                if self.state is ProcessState.READY:
+                    self.group.serve_waiting(self)
             else:
                 log.error("process %d sent an unknown message %r", self.pid, msg[:40])
         except ValueError:
@@ -340,6 +359,20 @@ class Process:
         if session is None:
             return
         self.group.on_session_done(self, session, False)
+        if self.state is ProcessState.STOPPING and not self.sessions:
+            self._close_channel()
+
+    def _connection_returned(self, seq: int, data: bytes) -> None:
+        """``B``: the process gave the connection back, with ``data`` it read and did not serve;
+        the core reads it again, and its next request goes to whichever process is free."""
+        slot = self._slots.pop(seq, None)
+        if slot is not None and self.slots is not None:
+            self.slots.free(slot)
+        session = self.sessions.pop(seq, None)
+        if session is None:
+            return
+        session.conn.take_back(data)
+        self.group.on_session_done(self, session, True)
         if self.state is ProcessState.STOPPING and not self.sessions:
             self._close_channel()
 

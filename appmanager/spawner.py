@@ -40,15 +40,10 @@ CONTROL_FD = 3
 PROGRESS_FD = 4
 # Node tracks one byte per connection in its progress file (see handoff.md, "Node").
 NODE_SLOTS = 65536
-# A Python process's progress file: the Q path's seq (8 bytes), then an 8-byte slot for each of
-# the whole connections an ASGI process may hold (handoff.md, "Whole connections"); a memfd's
-# pages are only allocated where written. Ruby's holds the seq alone.
-PYTHON_PROGRESS_SIZE = 8 + 8 * 65536
-
-
-def progress_size(language: str) -> int:
-    """The size of a Python or Ruby process's progress file."""
-    return PYTHON_PROGRESS_SIZE if language == "python" else 8
+# A Python or Ruby process's progress file: the Q path's seq (8 bytes), then an 8-byte slot for
+# each of the whole connections an ASGI or Rack process may hold (handoff.md, "Whole
+# connections"); a memfd's pages are only allocated where written.
+PROGRESS_SIZE = 8 + 8 * 65536
 
 
 @dataclass(frozen=True)
@@ -287,7 +282,7 @@ async def _start_shim(
     argv = [interpreter(group, language), shim_path(language)]
     env = {"APPMANAGER_CONTROL_FD": str(CONTROL_FD), "APPMANAGER_PROGRESS_FD": str(PROGRESS_FD)}
     pid, output, core_end, progress_fd = _launch_with_channel(
-        group, argv, socket.SOCK_SEQPACKET, progress_size(language), env
+        group, argv, socket.SOCK_SEQPACKET, PROGRESS_SIZE, env
     )
     proc = Process(group, pid, core_end, progress_fd, os.pidfd_open(pid), output, 1)
     data = b"SPAWN " + json.dumps(message).encode()
@@ -324,7 +319,7 @@ async def start_preloader(group: Group) -> Preloader:
 async def _spawn_forked(group: Group, preloader: Preloader) -> Process:
     """One more process forked from the app's preloader, with an output pipe of its own."""
     core_end, child_end, progress_fd = _channel(
-        socket.SOCK_SEQPACKET, progress_size(group.spec.language)
+        socket.SOCK_SEQPACKET, PROGRESS_SIZE
     )
     out_r, out_w = os.pipe()
     started = time.monotonic()
@@ -461,8 +456,9 @@ async def _handshake(group: Group, proc: Process, send: Any, read: Any) -> bytes
 def _finish(group: Group, proc: Process, kind: str, info: dict[str, Any]) -> Process:
     if kind == "READY":
         proc.concurrency = int(info.get("concurrency", 1))
-        if info.get("connections") is True and proc.concurrency == 0 and proc.slots is None:
-            # An ASGI process: whole connections too, with 8-byte slots after the seq.
+        if info.get("connections") is True and proc.concurrency <= 1 and proc.slots is None:
+            # An ASGI process (concurrency 0) or a Rack one (1, one request at a time across its
+            # connections): whole connections too, with 8-byte slots after the seq.
             proc.takes_connections = True
             proc.slots = ConnectionSlots(proc.progress_fd, 8, 8)
             proc.recv_size = RECV_SIZE_CONNECTIONS
