@@ -46,7 +46,13 @@ def versions(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 
 def _appmanager(args: argparse.Namespace, work: Path) -> AppManagerPeer:
-    return AppManagerPeer(APP_DIR, work, appmanager_cmd(args), ["--ruby", args.ruby])
+    return AppManagerPeer(
+        APP_DIR,
+        work,
+        appmanager_cmd(args),
+        ["--ruby", args.ruby],
+        note="whole connections handed to the app processes; keep-alive",
+    )
 
 
 def _passenger(args: argparse.Namespace, work: Path) -> PassengerPeer:
