@@ -210,8 +210,163 @@ class ForkedProcess:
                 pass
 
 
+class WholeConnections:
+    """Hands a shim whole connections with ``C`` and reads its reports (handoff.md, "Whole
+    connections"): the part of playing the core that the Python and Ruby shims' tests share.
+    A ``Shim`` dataclass mixes it in; it has the fields and methods declared here."""
+
+    seq: int
+    control: socket.socket
+    progress_path: Path
+    replies: list[str]
+
+    def connect(self) -> Connection:
+        raise NotImplementedError
+
+    def log(self) -> str:
+        raise NotImplementedError
+
+    def hand_connection(
+        self,
+        connection: Connection,
+        data: bytes,
+        *,
+        slot: int = 0,
+        scheme: str = "http",
+        in_file: bool = False,
+    ) -> int:
+        """Hands a whole connection to the shim with ``C``, with ``data`` as the bytes the core
+        read from it (handoff.md, "Whole connections"); returns its seq. As the core does, the
+        slot says request 1 has arrived first."""
+        self.seq += 1
+        with open(self.progress_path, "r+b") as f:
+            f.seek(8 + 8 * slot)
+            f.write(struct.pack("<Q", 1 << 2 | 1))
+        fds = [connection.server.fileno()]
+        inline = data
+        data_fd = -1
+        if in_file:
+            data_fd = os.memfd_create("data")
+            os.write(data_fd, data)
+            fds.append(data_fd)
+            inline = b""
+        line = (
+            f"C {self.seq} {slot} {'F' if in_file else '-'} 192.0.2.7 54321 127.0.0.1 8000 "
+            f"{scheme} {len(data)}\n"
+        ).encode()
+        try:
+            socket.send_fds(self.control, [line + inline], fds)
+        finally:
+            if data_fd >= 0:
+                os.close(data_fd)
+        # The shim holds the connection now; the core keeps its copy, as the test does.
+        return self.seq
+
+    def next_report(self, connections: Sequence[Connection] = ()) -> str:
+        """The next message on the control channel (X, N, L, D; S, B, R), reading the clients' ends
+        meanwhile so that responses cannot stall."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            readable: list[Any] = [self.control]
+            readable += [c.client for c in connections if c.client.fileno() != -1]
+            ready, _, _ = select.select(readable, [], [], 0.5)
+            for connection in connections:
+                if connection.client in ready:
+                    connection.pump()
+            if self.control in ready:
+                message = self.control.recv(1 << 16).decode("latin-1")
+                self.replies.append(message)
+                return message
+        raise AssertionError(f"no message within {TIMEOUT} s:\n{self.log()}")
+
+    def wait_report(self, prefix: str, connections: Sequence[Connection] = ()) -> str:
+        """The next message starting with ``prefix`` (others are kept in ``replies``)."""
+        while True:
+            message = self.next_report(connections)
+            if message.startswith(prefix):
+                return message
+
+    def slot(self, slot: int) -> tuple[int, int]:
+        """A connection's slot: the request number and its state (0 idle, 1 received, 2
+        responding)."""
+        data = self.progress_path.read_bytes()[8 + 8 * slot : 16 + 8 * slot]
+        value: int = struct.unpack("<Q", data)[0]
+        return value >> 2, value & 3
+
+
+class Client:
+    """The client's end of a handed-over connection: sends bytes, reads whole responses."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.sock = connection.client
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self, *, head_request: bool = False) -> HTTPResponse:
+        while True:
+            if b"\r\n\r\n" in self.buf:
+                try:
+                    response, rest = parse_response(self.buf, head_request=head_request)
+                except AssertionError:
+                    pass  # the body is not all here yet
+                else:
+                    if response.header("Content-Length") is not None or response.chunked:
+                        self.buf = rest
+                        return response
+                    if head_request or response.status in (100, 204, 304):
+                        self.buf = rest
+                        return response
+            data = self.sock.recv(1 << 20)
+            if not data:
+                response, rest = parse_response(self.buf, head_request=head_request)
+                self.buf = rest
+                return response
+            self.buf += data
+
+    def read_interim(self) -> bytes:
+        """An interim (1xx) response's head."""
+        while b"\r\n\r\n" not in self.buf:
+            data = self.sock.recv(1 << 16)
+            assert data, "closed before the interim response"
+            self.buf += data
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        return head
+
+    def at_eof(self) -> bool:
+        """Whether the server closed the connection (after whatever is still to read); the
+        client then closes its end, which ends the server's linger."""
+        self.sock.settimeout(TIMEOUT)
+        while data := self.sock.recv(1 << 16):
+            self.buf += data
+        self.sock.close()
+        return True
+
+
+def get(path: str, *headers: str, method: str = "GET", version: str = "HTTP/1.1") -> bytes:
+    """A request head as a client sends it; ``headers`` as ``"Name: value"`` lines."""
+    lines = [f"{method} {path} {version}", "Host: example.test", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def hand(
+    shim: WholeConnections, first: bytes, *, slot: int = 0, **kw: Any
+) -> tuple[Connection, Client, int]:
+    """A new connection handed over with ``first`` as the bytes already read."""
+    connection = shim.connect()
+    seq = shim.hand_connection(connection, first, slot=slot, **kw)
+    return connection, Client(connection), seq
+
+
+def closed_report(shim: WholeConnections, seq: int, connections: list[Connection]) -> int:
+    """Waits for the X of connection ``seq``; returns its request count."""
+    message = shim.wait_report(f"X {seq} ", connections)
+    return int(message.split(" ")[2])
+
+
 @dataclass
-class Shim:
+class Shim(WholeConnections):
     """A running shim process and the core's ends of its channels; for a preloader, the
     processes it forked and the exits it reported."""
 
@@ -402,73 +557,6 @@ class Shim:
             f"{len(response.body)} body bytes"
         )
         return Result(done, response, raw, status, size)
-
-    def hand_connection(
-        self,
-        connection: Connection,
-        data: bytes,
-        *,
-        slot: int = 0,
-        scheme: str = "http",
-        in_file: bool = False,
-    ) -> int:
-        """Hands a whole connection to the shim with ``C``, with ``data`` as the bytes the core
-        read from it (handoff.md, "Whole connections"); returns its seq. As the core does, the
-        slot says request 1 has arrived first."""
-        self.seq += 1
-        with open(self.progress_path, "r+b") as f:
-            f.seek(8 + 8 * slot)
-            f.write(struct.pack("<Q", 1 << 2 | 1))
-        fds = [connection.server.fileno()]
-        inline = data
-        data_fd = -1
-        if in_file:
-            data_fd = os.memfd_create("data")
-            os.write(data_fd, data)
-            fds.append(data_fd)
-            inline = b""
-        line = (
-            f"C {self.seq} {slot} {'F' if in_file else '-'} 192.0.2.7 54321 127.0.0.1 8000 "
-            f"{scheme} {len(data)}\n"
-        ).encode()
-        try:
-            socket.send_fds(self.control, [line + inline], fds)
-        finally:
-            if data_fd >= 0:
-                os.close(data_fd)
-        # The shim holds the connection now; the core keeps its copy, as the test does.
-        return self.seq
-
-    def next_report(self, connections: Sequence[Connection] = ()) -> str:
-        """The next message on the control channel (X, N, L or D), reading the clients' ends
-        meanwhile so that responses cannot stall."""
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            readable: list[Any] = [self.control]
-            readable += [c.client for c in connections if c.client.fileno() != -1]
-            ready, _, _ = select.select(readable, [], [], 0.5)
-            for connection in connections:
-                if connection.client in ready:
-                    connection.pump()
-            if self.control in ready:
-                message = self.control.recv(1 << 16).decode("latin-1")
-                self.replies.append(message)
-                return message
-        raise AssertionError(f"no message within {TIMEOUT} s:\n{self.log()}")
-
-    def wait_report(self, prefix: str, connections: Sequence[Connection] = ()) -> str:
-        """The next message starting with ``prefix`` (others are kept in ``replies``)."""
-        while True:
-            message = self.next_report(connections)
-            if message.startswith(prefix):
-                return message
-
-    def slot(self, slot: int) -> tuple[int, int]:
-        """A connection's slot: the request number and its state (0 idle, 1 received, 2
-        responding)."""
-        data = self.progress_path.read_bytes()[8 + 8 * slot : 16 + 8 * slot]
-        value: int = struct.unpack("<Q", data)[0]
-        return value >> 2, value & 3
 
     def progress(self) -> int:
         value: int = struct.unpack("<Q", self.progress_path.read_bytes()[:8])[0]

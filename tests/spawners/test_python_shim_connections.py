@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from python_shim import TIMEOUT, Connection, HTTPResponse, Shim, parse_response, start_shim
+from python_shim import TIMEOUT, Client, Shim, closed_report, get, hand, start_shim
 
 APPS = Path(__file__).resolve().parents[1] / "apps"
 ECHO_ASGI = APPS / "echo_asgi" / "app.py"
@@ -61,74 +61,6 @@ def spawn(tmp_path: Path, parser: str) -> Iterator[Any]:
     finally:
         for shim in shims:
             shim.stop()
-
-
-class Client:
-    """The client's end of a handed-over connection: sends bytes, reads whole responses."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.sock = connection.client
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def read(self, *, head_request: bool = False) -> HTTPResponse:
-        while True:
-            if b"\r\n\r\n" in self.buf:
-                try:
-                    response, rest = parse_response(self.buf, head_request=head_request)
-                except AssertionError:
-                    pass  # the body is not all here yet
-                else:
-                    if response.header("Content-Length") is not None or response.chunked:
-                        self.buf = rest
-                        return response
-                    if head_request or response.status in (100, 204, 304):
-                        self.buf = rest
-                        return response
-            data = self.sock.recv(1 << 20)
-            if not data:
-                response, rest = parse_response(self.buf, head_request=head_request)
-                self.buf = rest
-                return response
-            self.buf += data
-
-    def read_interim(self) -> bytes:
-        """An interim (1xx) response's head."""
-        while b"\r\n\r\n" not in self.buf:
-            data = self.sock.recv(1 << 16)
-            assert data, "closed before the interim response"
-            self.buf += data
-        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-        return head
-
-    def at_eof(self) -> bool:
-        """Whether the server closed the connection (after whatever is still to read); the
-        client then closes its end, which ends the server's linger."""
-        self.sock.settimeout(TIMEOUT)
-        while data := self.sock.recv(1 << 16):
-            self.buf += data
-        self.sock.close()
-        return True
-
-
-def get(path: str, *headers: str, method: str = "GET", version: str = "HTTP/1.1") -> bytes:
-    lines = [f"{method} {path} {version}", "Host: example.test", *headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def hand(shim: Shim, first: bytes, *, slot: int = 0, **kw: Any) -> tuple[Connection, Client, int]:
-    """A new connection handed over with ``first`` as the bytes already read."""
-    connection = shim.connect()
-    seq = shim.hand_connection(connection, first, slot=slot, **kw)
-    return connection, Client(connection), seq
-
-
-def closed_report(shim: Shim, seq: int, connections: list[Connection]) -> int:
-    """Waits for the X of connection ``seq``; returns its request count."""
-    message = shim.wait_report(f"X {seq} ", connections)
-    return int(message.split(" ")[2])
 
 
 # Keep-alive, pipelining, bodies
