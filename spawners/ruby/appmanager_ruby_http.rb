@@ -48,6 +48,9 @@ module AppManager
     501 => "Not Implemented"
   }.freeze
   CHUNK_SIZE = /\A[0-9a-fA-F]+\z/.freeze
+  # A request head: a request line, then field lines "name: value" with a token for a name
+  # (RFC 9110 5.1), each ending in CRLF, then the empty line.
+  HEAD_FORMAT = %r{\A[^\r\n]+\r\n(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n)*\r\n\z}.freeze
 
   # A request the shim refuses, with the status it answers.
   class HttpError < StandardError
@@ -151,6 +154,9 @@ module AppManager
       head = buf.byteslice(start, stop + 4 - start)
       rest = buf.bytesize - stop - 4
       @buf = rest.zero? ? +"".b : buf.byteslice(stop + 4, rest)
+      # Worker#environ skips what it cannot read; a connection's own parser refuses it, as the
+      # core's does (a field without a name or a colon, a name with spaces, a folded line).
+      raise HttpError.new(400, "malformed request head") unless head.match?(HEAD_FORMAT)
       begin
         env, is_head, http11, client_close, client_keepalive = worker.environ(head, nil)
       rescue ProtocolError => e
@@ -347,8 +353,8 @@ module AppManager
       raise ProtocolError, "C data is #{data.bytesize} bytes, not #{length}" if data.bytesize != length
 
       ios[1]&.close
-      conn = HttpConnection.new(ios[0], seq, slot, [raddr, rport, saddr, SCHEMES[scheme] || scheme],
-                                data.b)
+      conn = HttpConnection.new(ios[0], seq, slot,
+                                [raddr, rport, saddr, sport, SCHEMES[scheme] || scheme], data.b)
       @connections[seq] = conn
       @by_io[conn.io] = conn
       start_watcher
@@ -415,14 +421,23 @@ module AppManager
       end
     end
 
-    # Serves the requests waiting at the start of this round, in order; a connection with
-    # another request behind goes to the end of the line.
+    # Serves the requests waiting at the start of this round, in order. A connection with bytes
+    # behind the request it just had served goes to the end of the line unparsed, and is parsed
+    # when its turn comes: until then it may still go back to the core whole (B).
     def serve_ready
       return if @ready.empty?
 
       round = @ready
       @ready = []
-      round.each { |conn| serve(conn) if @connections[conn.seq].equal?(conn) }
+      round.each do |conn|
+        next unless @connections[conn.seq].equal?(conn)
+
+        unless conn.ready
+          advance(conn, queue: false)
+          next unless conn.ready
+        end
+        serve(conn)
+      end
     end
 
     # Waits for the control channel or a connection to be readable (not at all when requests
@@ -505,14 +520,15 @@ module AppManager
       end
     end
 
-    # Parses the connection's buffer; queues it once a request is whole, refuses a bad one.
-    def advance(conn)
+    # Parses the connection's buffer; queues it once a request is whole (unless the caller serves
+    # it at once), refuses a bad one.
+    def advance(conn, queue: true)
       return if conn.ready || conn.lingering
 
       # A request's READ_TIMEOUT runs from its first byte.
       conn.started ||= Process.clock_gettime(Process::CLOCK_MONOTONIC) unless conn.buf.empty?
       if conn.parse(@worker)
-        @ready << conn
+        @ready << conn if queue
       elsif conn.eof
         close_connection(conn)
       end
@@ -574,15 +590,12 @@ module AppManager
       conn.last_active = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       if !response.keep_alive || !response.finished
         close_connection(conn)
-      elsif @closing
-        if conn.idle?
-          give_back(conn)
-        else
-          advance(conn) # a request behind this one is answered before the connection goes
-        end
-      else
-        advance(conn)
-        close_connection(conn) if conn.eof && !conn.ready
+      elsif @closing && conn.idle?
+        give_back(conn)
+      elsif !conn.buf.empty?
+        @ready << conn # a request behind this one: parsed when its turn comes
+      elsif conn.eof
+        close_connection(conn)
       end
     end
 
