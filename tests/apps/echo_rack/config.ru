@@ -189,6 +189,10 @@ module EchoRack
     "/app/close-raise" => ->(_env) { [200, {}, Closing.new(%w[a b], fail: true)] },
     "/app/raise" => ->(_env) { raise "echo app raised on purpose" },
     "/app/crash" => ->(_env) { exit!(7) },
+    "/app/sleep-crash" => lambda do |env|
+      sleep Float(env["QUERY_STRING"].empty? ? "0.5" : env["QUERY_STRING"])
+      exit!(7)
+    end,
     "/app/sleep" => lambda do |env|
       sleep Float(env["QUERY_STRING"].empty? ? "1" : env["QUERY_STRING"])
       text(Process.pid.to_s)

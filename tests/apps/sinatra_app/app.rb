@@ -15,6 +15,10 @@ class SinatraApp < Sinatra::Base
     "Hello from Sinatra"
   end
 
+  get "/pid" do
+    Process.pid.to_s
+  end
+
   get "/hello/:name" do
     "Hello, #{params[:name]}!"
   end
