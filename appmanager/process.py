@@ -258,6 +258,22 @@ class Process:
         if not msg:
             self._lost_channel()
             return
+        self._handle_control(msg)
+
+    def _drain_control(self) -> None:
+        """The process exited: handle what it said before it did and the core has not read yet
+        (connections given back or closed, counts, responses finished), before what it still
+        held is answered as lost."""
+        while not self._lost and self.ctl.fileno() >= 0:
+            try:
+                msg = self.ctl.recv(self.recv_size, socket.MSG_DONTWAIT)
+            except OSError:
+                return
+            if not msg:
+                return
+            self._handle_control(msg)
+
+    def _handle_control(self, msg: bytes) -> None:
         if msg[0:2] != b"D ":
             self._on_connection_message(msg[0], msg)
             return
@@ -490,6 +506,7 @@ class Process:
         self._loop.remove_reader(self.pidfd)
         os.close(self.pidfd)
         self.exit_status = code
+        self._drain_control()
         self._lost_channel()
         if self._kill_timer is not None:
             self._kill_timer.cancel()
