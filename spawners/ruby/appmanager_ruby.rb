@@ -1143,7 +1143,7 @@ module AppManager
         if connections && !connections.connections.empty?
           # Whole connections held: their loop reads the control channel too, until none is left.
           return unless connections.run
-          return if connections.closing?
+          return if connections.finished?
 
           next
         end

@@ -315,6 +315,11 @@ module AppManager
       @access_log = config.access_log
       limit = config.max_requests
       @count_every = limit.positive? ? (limit / 10).clamp(1, COUNT_EVERY) : COUNT_EVERY
+      # The most requests the core may let this process serve (it staggers max_requests by up to
+      # a tenth): past it the process gives its connections back, even if the core, busy, has not
+      # yet read the counts that retire it.
+      @request_ceiling = limit.positive? ? limit + limit / 10 : nil
+      @served = 0
       @unreported = 0
       @connections = {} # seq => HttpConnection
       @by_io = {} # its IO => HttpConnection, for what select returns
@@ -385,8 +390,10 @@ module AppManager
       @connections.each_value { |conn| give_back(conn) if conn.idle? }
     end
 
-    def closing?
-      @closing
+    # Stopped for good: the core closed the channel, or SIGTERM came. (Past its request ceiling
+    # the process still takes what the core sends until the core retires it, and gives it back.)
+    def finished?
+      @closing && (!@control_open || @worker.stopping)
     end
 
     private
@@ -564,7 +571,8 @@ module AppManager
           body.flush
           BodyFile.new(body, body.size)
         end
-      keep_alive = !client_close && (http11 || client_keepalive) && !upgrade && !@closing
+      # Stopping or not: a connection that may stay open goes back to the core after this.
+      keep_alive = !client_close && (http11 || client_keepalive) && !upgrade
       response = Response.new(
         @worker.context, conn.writer, conn.seq, is_head, http11, client_keepalive, keep_alive
       )
@@ -602,11 +610,13 @@ module AppManager
     # Counts a served request (N) and reports it for the access log (L).
     def report(conn, response, env)
       if response.sent >= 0 || response.finished
+        @served += 1
         @unreported += 1
         if @unreported >= @count_every
           @control.send("N #{@unreported}", 0)
           @unreported = 0
         end
+        close if @request_ceiling && @served >= @request_ceiling && !@closing
       end
       return unless @access_log
 

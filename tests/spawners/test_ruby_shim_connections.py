@@ -454,6 +454,34 @@ def test_requests_are_counted_often_enough_for_max_requests(
     assert messages[-1] == f"X {seq} {7 % every}"
 
 
+def test_past_the_request_ceiling_connections_go_back_until_the_core_retires_it(
+    spawn: Any,
+) -> None:
+    """max_requests 10: the core retires the process after 10 to 11 requests (staggered). A core
+    too busy to read the counts in time must not let it serve more: past 11 the shim gives its
+    connections back, then still gives back what the core sends, and exits only at EOF."""
+    shim = spawn(max_requests=10)
+    connection, client, seq = hand(shim, get("/app/pid"))
+    client.read()
+    for _ in range(10):
+        client.send(get("/app/pid"))
+        client.read()
+    messages = reports_until(shim, f"B {seq} ")
+    assert counted(messages) == 11, messages
+    assert shim.process.poll() is None
+    # A connection the core hands over before it reads the counts is served, then given back.
+    late, late_client, late_seq = hand(shim, get("/app/pid"), slot=1)
+    assert late_client.read().status == 200
+    late_messages = reports_until(shim, f"B {late_seq} ")
+    assert late_messages[-1].startswith(f"B {late_seq} ") and counted(late_messages) == 1
+    assert shim.process.poll() is None
+    shim.control.shutdown(socket.SHUT_WR)
+    assert shim.process.wait(TIMEOUT) == 0
+    for conn, conn_client in ((connection, client), (late, late_client)):
+        conn_client.send(get("/conformance?after"))
+        assert_the_cores_again(conn, conn_client, get("/conformance?after"))
+
+
 def test_client_gone_mid_body_is_reported_x(spawn: Any) -> None:
     shim = spawn()
     head = get("/conformance", "Content-Length: 100000", method="POST")
