@@ -347,7 +347,7 @@ class Process:
                 first, _, data = msg.partition(b"\n")
                 _, seq, count = first.split(b" ")
                 self._count_requests(int(count))
-                self._connection_returned(int(seq), data)
+                self._connection_closed(int(seq), data)
             elif kind == _S:
                 self.busy = True
             elif kind == _R:
@@ -367,28 +367,19 @@ class Process:
         self.last_used = time.monotonic()
         self.group.on_requests_counted(self, count)
 
-    def _connection_closed(self, seq: int) -> None:
+    def _connection_closed(self, seq: int, returned: bytes | None = None) -> None:
+        """``X``: the process closed connection ``seq``; or ``B`` (``returned`` is the data it
+        read and did not serve): it gave the connection back, and the core reads it again, so
+        that its next request goes to whichever process is free."""
         slot = self._slots.pop(seq, None)
         if slot is not None and self.slots is not None:
             self.slots.free(slot)
         session = self.sessions.pop(seq, None)
         if session is None:
             return
-        self.group.on_session_done(self, session, False)
-        if self.state is ProcessState.STOPPING and not self.sessions:
-            self._close_channel()
-
-    def _connection_returned(self, seq: int, data: bytes) -> None:
-        """``B``: the process gave the connection back, with ``data`` it read and did not serve;
-        the core reads it again, and its next request goes to whichever process is free."""
-        slot = self._slots.pop(seq, None)
-        if slot is not None and self.slots is not None:
-            self.slots.free(slot)
-        session = self.sessions.pop(seq, None)
-        if session is None:
-            return
-        session.conn.take_back(data)
-        self.group.on_session_done(self, session, True)
+        if returned is not None:
+            session.conn.take_back(returned)
+        self.group.on_session_done(self, session, returned is not None)
         if self.state is ProcessState.STOPPING and not self.sessions:
             self._close_channel()
 

@@ -287,7 +287,8 @@ class NodeProcess(Process):
         self._writing = False
         self._loop.remove_writer(self.ctl.fileno())
 
-    def _connection_closed(self, seq: int) -> None:
+    def _connection_closed(self, seq: int, returned: bytes | None = None) -> None:
+        # Node never gives a connection back: ``returned`` is always None.
         slot = self._slots.pop(seq, None)
         if slot is not None:
             self.slots.free(slot)

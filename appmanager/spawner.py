@@ -318,9 +318,7 @@ async def start_preloader(group: Group) -> Preloader:
 
 async def _spawn_forked(group: Group, preloader: Preloader) -> Process:
     """One more process forked from the app's preloader, with an output pipe of its own."""
-    core_end, child_end, progress_fd = _channel(
-        socket.SOCK_SEQPACKET, PROGRESS_SIZE
-    )
+    core_end, child_end, progress_fd = _channel(socket.SOCK_SEQPACKET, PROGRESS_SIZE)
     out_r, out_w = os.pipe()
     started = time.monotonic()
     try:

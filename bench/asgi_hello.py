@@ -55,7 +55,7 @@ def _appmanager(args: argparse.Namespace, work: Path) -> AppManagerPeer:
         work,
         appmanager_cmd(args),
         ["--python", args.python],
-        note="whole connections handed to the app processes; keep-alive",
+        note=AppManagerPeer.WHOLE_CONNECTIONS,
     )
 
 

@@ -290,6 +290,9 @@ class ForegroundPeer(Peer):
 class AppManagerPeer(ForegroundPeer):
     """`appmanager start` serving HTTP itself; its core is the process this script starts."""
 
+    #: The note for an app whose processes take whole connections (ASGI, Rack).
+    WHOLE_CONNECTIONS = "whole connections handed to the app processes; keep-alive"
+
     name = "appmanager"
     note = "fd handoff; keep-alive"
     core_description = (

@@ -51,7 +51,7 @@ def _appmanager(args: argparse.Namespace, work: Path) -> AppManagerPeer:
         work,
         appmanager_cmd(args),
         ["--ruby", args.ruby],
-        note="whole connections handed to the app processes; keep-alive",
+        note=AppManagerPeer.WHOLE_CONNECTIONS,
     )
 
 

@@ -387,7 +387,7 @@ module AppManager
     # flight, and take nothing new.
     def close
       @closing = true
-      @connections.each_value { |conn| give_back(conn) if conn.idle? }
+      @connections.values.each { |conn| give_back(conn) if conn.idle? }
     end
 
     # Stopped for good: the core closed the channel, or SIGTERM came. (Past its request ceiling
@@ -419,7 +419,7 @@ module AppManager
 
           @busy_sent = true
           @control.send("S", 0)
-          @connections.each_value { |conn| give_back(conn) if conn != @current && conn.idle? }
+          @connections.values.each { |conn| give_back(conn) if !conn.equal?(@current) && conn.idle? }
         rescue SystemCallError, IOError
           nil # the core is gone; the main thread finds out
         ensure
@@ -507,9 +507,11 @@ module AppManager
         return
       end
       if data.nil?
+        # The client closed its side: what it sent before is still answered (a request queued, or
+        # whole in the buffer), then the connection closes; a request not yet complete never
+        # will be.
         conn.eof = true
-        # A request not yet complete never will be; one that is waits to be served first.
-        close_connection(conn) unless conn.ready
+        advance(conn) unless @ready.include?(conn)
         return
       end
       if conn.buf.empty?

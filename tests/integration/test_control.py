@@ -70,6 +70,14 @@ def status_json(server) -> dict:
 
 def test_status_json_schema_and_sessions_in_flight(server_factory) -> None:
     server = server_factory(APPS / "wsgi_echo", "--min-instances", "2")
+    # Both processes ready first: on a loaded machine a request that found none ready would
+    # wait, and the pool would grow a third for it.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready = [p for a in status_json(server)["apps"] for p in a["processes"]]
+        if len(ready) == 2 and all(p["state"] == "READY" for p in ready):
+            break
+        time.sleep(0.1)
     for _ in range(3):
         get(server.port, "/app/pid")
     slow = threading.Thread(target=get, args=(server.port, "/app/sleep?2"))
