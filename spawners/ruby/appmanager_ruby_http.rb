@@ -83,7 +83,7 @@ module AppManager
   class HttpConnection
     attr_reader :io, :writer, :seq, :slot, :raddr, :rport, :saddr, :sport, :scheme
     attr_accessor :buf, :env, :ready, :number, :last_active, :started, :eof, :lingering,
-                  :request_info, :head_line
+                  :request_info, :head_line, :ready_at
 
     def initialize(io, seq, slot, fields, data)
       @io = io
@@ -105,6 +105,11 @@ module AppManager
       # The request being received: [is_head, http11, client_close, client_keepalive, upgrade].
       @request_info = nil
       @head_line = nil
+      # When the request became whole (it waits from then on to be served).
+      @ready_at = nil
+      # The request parsed and not yet served, as the client sent it (head, and body so far), so
+      # that it can go back to the core with its connection; nil past MAX_GIVE_BACK.
+      @raw = nil
       # The body: where it goes and how much is still to come.
       @body = nil
       @body_left = 0
@@ -113,9 +118,35 @@ module AppManager
       @received = 0
     end
 
-    # Between requests with nothing of the next one parsed: may go back to the core.
-    def idle?
-      @env.nil? && @lingering.nil? && @buf.bytesize <= MAX_GIVE_BACK
+    # Not in the middle of a response, and what was read and not served is small enough to go
+    # back to the core with the connection (B): between requests, or with a request parsed and
+    # waiting its turn.
+    def returnable?
+      return false if @lingering
+
+      size = @buf.bytesize
+      size += @raw ? @raw.bytesize : MAX_GIVE_BACK + 1 if @env
+      size <= MAX_GIVE_BACK
+    end
+
+    # What goes back to the core with the connection: the bytes read and not served. Forgets the
+    # request parsed from them.
+    def give_back_bytes
+      data = @env ? @raw + @buf : @buf
+      @body.close if @body.is_a?(Tempfile)
+      @body = nil
+      @env = nil
+      @raw = nil
+      @ready = false
+      data
+    end
+
+    # The request is being served: its bytes are no longer needed.
+    def served
+      @env = nil
+      @raw = nil
+      @ready = false
+      @started = nil
     end
 
     # Parses what is buffered, as far as it goes; true once a whole request is ready. Raises
@@ -152,6 +183,7 @@ module AppManager
         return false
       end
       head = buf.byteslice(start, stop + 4 - start)
+      @raw = head
       rest = buf.bytesize - stop - 4
       @buf = rest.zero? ? +"".b : buf.byteslice(stop + 4, rest)
       # Worker#environ skips what it cannot read; a connection's own parser refuses it, as the
@@ -222,7 +254,9 @@ module AppManager
       if @body_left.positive?
         take = [@body_left, @buf.bytesize].min
         if take.positive?
-          store(take == @buf.bytesize ? @buf : @buf.byteslice(0, take))
+          data = take == @buf.bytesize ? @buf : @buf.byteslice(0, take)
+          store(data)
+          keep_raw(data)
           @buf = take == @buf.bytesize ? +"".b : @buf.byteslice(take, @buf.bytesize - take)
           @body_left -= take
         end
@@ -276,12 +310,19 @@ module AppManager
           @chunk_state = :done if line.empty?
         end
       end
+      keep_raw(pos >= size ? buf : buf.byteslice(0, pos)) if pos.positive?
       @buf = pos >= size ? +"".b : buf.byteslice(pos, size - pos)
       return unless @chunk_state == :done
 
       @chunk_state = nil
       @env["CONTENT_LENGTH"] = @received.to_s
       @ready = true
+    end
+
+    def keep_raw(data)
+      return unless @raw
+
+      @raw = @raw.bytesize + data.bytesize > MAX_GIVE_BACK ? nil : @raw + data
     end
 
     # Appends body bytes: in memory, then in a temporary file once the body grows.
@@ -328,6 +369,8 @@ module AppManager
       @request_started = nil
       @current = nil
       @busy_sent = false
+      # Messages the watcher read off the control channel that the main thread must handle (Q).
+      @pending = []
       @watcher = nil
       @closing = false
       @control_open = true
@@ -371,6 +414,7 @@ module AppManager
     def run
       @lock.lock
       until @connections.empty?
+        handle_pending unless @pending.empty?
         serve_ready
         wait_and_read
         sweep
@@ -387,7 +431,7 @@ module AppManager
     # flight, and take nothing new.
     def close
       @closing = true
-      @connections.values.each { |conn| give_back(conn) if conn.idle? }
+      @connections.values.each { |conn| give_back(conn) if conn.returnable? }
     end
 
     # Stopped for good: the core closed the channel, or SIGTERM came. (Past its request ceiling
@@ -405,27 +449,69 @@ module AppManager
       @watcher.name = "appmanager connections"
     end
 
-    # The watcher thread: every WATCH_INTERVAL, when a request has run BUSY_AFTER, says S and
-    # gives back the idle connections.
+    # The watcher thread: every WATCH_INTERVAL, when a request has run BUSY_AFTER, or one has
+    # waited that long for its turn (more requests come than the process serves), says S and
+    # gives back every connection it can: those idle between requests, those whose request waits,
+    # and those the core sent meanwhile (C messages not yet read). The core then queues their
+    # requests, serves them elsewhere, and starts processes for them as for any busy app.
     def watch
       loop do
         sleep WATCH_INTERVAL
         next unless @lock.try_lock
 
         begin
-          started = @request_started
-          next if started.nil? || @busy_sent
-          next if Process.clock_gettime(Process::CLOCK_MONOTONIC) - started < BUSY_AFTER
+          next if @busy_sent || !overloaded?
 
           @busy_sent = true
           @control.send("S", 0)
-          @connections.values.each { |conn| give_back(conn) if !conn.equal?(@current) && conn.idle? }
+          take_pending_connections
+          @connections.values.each do |conn|
+            give_back(conn) if !conn.equal?(@current) && conn.returnable?
+          end
         rescue SystemCallError, IOError
           nil # the core is gone; the main thread finds out
         ensure
           @lock.unlock
         end
       end
+    end
+
+    # Has a request run, or waited, BUSY_AFTER?
+    def overloaded?
+      now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      started = @request_started
+      return true if started && now - started >= BUSY_AFTER
+
+      @ready.any? { |conn| conn.ready_at && now - conn.ready_at >= BUSY_AFTER }
+    end
+
+    # Reads what the core sent while the main thread was in the app: connections are taken (to
+    # be given back), anything else waits for the main thread; EOF stops the process.
+    def take_pending_connections
+      loop do
+        message, _, msg_flags, *controls =
+          @control.recvmsg_nonblock(MAX_MESSAGE, 0, ANCILLARY_SIZE, scm_rights: true,
+                                                                     exception: false)
+        return if message == :wait_readable
+
+        if message.empty? && controls.empty?
+          @control_open = false
+          close
+          return
+        end
+        ios = AppManager.received_ios(controls)
+        if message.start_with?("C ")
+          @worker.take_connection(message, msg_flags, ios)
+        else
+          @pending << [message, msg_flags, ios]
+        end
+      end
+    end
+
+    def handle_pending
+      pending = @pending
+      @pending = []
+      pending.each { |message| @worker.handle_message(*message) }
     end
 
     # Serves the requests waiting at the start of this round, in order. A connection with bytes
@@ -537,6 +623,7 @@ module AppManager
       # A request's READ_TIMEOUT runs from its first byte.
       conn.started ||= Process.clock_gettime(Process::CLOCK_MONOTONIC) unless conn.buf.empty?
       if conn.parse(@worker)
+        conn.ready_at = Process.clock_gettime(Process::CLOCK_MONOTONIC)
         @ready << conn if queue
       elsif conn.eof
         close_connection(conn)
@@ -555,9 +642,7 @@ module AppManager
       is_head, http11, client_close, client_keepalive, upgrade = conn.request_info
       number = conn.number += 1
       body = conn.take_body
-      conn.env = nil
-      conn.ready = false
-      conn.started = nil
+      conn.served
       env["REMOTE_ADDR"] = conn.raddr
       env["REMOTE_PORT"] = conn.rport
       env["SERVER_NAME"] = conn.saddr
@@ -600,7 +685,7 @@ module AppManager
       conn.last_active = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       if !response.keep_alive || !response.finished
         close_connection(conn)
-      elsif @closing && conn.idle?
+      elsif @closing && conn.returnable?
         give_back(conn)
       elsif !conn.buf.empty?
         @ready << conn # a request behind this one: parsed when its turn comes
@@ -677,8 +762,9 @@ module AppManager
       forget(conn)
       @ready.delete(conn)
       @progress.set_slot(conn.slot, conn.number << 2 | SLOT_IDLE)
+      data = conn.give_back_bytes
       conn.io.close
-      @control.send("B #{conn.seq} #{@unreported}\n#{conn.buf}", 0)
+      @control.send("B #{conn.seq} #{@unreported}\n#{data}", 0)
       @unreported = 0
     end
 
