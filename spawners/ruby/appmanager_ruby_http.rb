@@ -520,9 +520,10 @@ module AppManager
     def serve_ready
       return if @ready.empty?
 
-      round = @ready
-      @ready = []
-      round.each do |conn|
+      # The rest of the round stays in @ready, where the watcher sees how long it waits.
+      @ready.size.times do
+        conn = @ready.shift
+        break if conn.nil? # the watcher gave the rest back
         next unless @connections[conn.seq].equal?(conn)
 
         unless conn.ready
