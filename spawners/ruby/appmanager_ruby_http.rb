@@ -28,9 +28,12 @@ module AppManager
   BODY_IN_MEMORY = 64 * 1024
   # A connection stops being read while this much waits unparsed behind its current request.
   MAX_BUFFERED = 1024 * 1024
-  # A request running this long makes the process busy (S) and its idle connections go back (B).
+  # A request running this long, or waiting this long for its turn, makes the process busy (S) and
+  # its other connections go back (B); so does a new connection the core sent while a request has
+  # run NEW_CONNECTION_AFTER: its client would wait behind it.
   BUSY_AFTER = 0.05
-  WATCH_INTERVAL = 0.025
+  NEW_CONNECTION_AFTER = 0.01
+  WATCH_INTERVAL = 0.01
   # Bytes read and not served that may go back with a connection; more stay with the process.
   MAX_GIVE_BACK = 60 * 1024
   # Requests counted before an N message reports them (fewer when max_requests is small).
@@ -450,7 +453,8 @@ module AppManager
     end
 
     # The watcher thread: every WATCH_INTERVAL, when a request has run BUSY_AFTER, or one has
-    # waited that long for its turn (more requests come than the process serves), says S and
+    # waited that long for its turn (more requests come than the process serves), or the core sent
+    # a connection while a request runs (overloaded?), says S and
     # gives back every connection it can: those idle between requests, those whose request waits,
     # and those the core sent meanwhile (C messages not yet read). The core then queues their
     # requests, serves them elsewhere, and starts processes for them as for any busy app.
@@ -476,13 +480,21 @@ module AppManager
       end
     end
 
-    # Has a request run, or waited, BUSY_AFTER?
+    # Has a request run, or waited, BUSY_AFTER, or has a new connection come in while one runs?
     def overloaded?
       now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       started = @request_started
-      return true if started && now - started >= BUSY_AFTER
-
+      if started
+        running = now - started
+        return true if running >= BUSY_AFTER
+        return true if running >= NEW_CONNECTION_AFTER && @control_open && message_waiting?
+      end
       @ready.any? { |conn| conn.ready_at && now - conn.ready_at >= BUSY_AFTER }
+    end
+
+    # Has the core sent something the main thread has not read (a new connection)?
+    def message_waiting?
+      !@control.recv_nonblock(1, Socket::MSG_PEEK, exception: false).equal?(:wait_readable)
     end
 
     # Reads what the core sent while the main thread was in the app: connections are taken (to
