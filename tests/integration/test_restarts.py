@@ -47,14 +47,17 @@ class Load(Clients):
     """Clients that send requests in a loop on keep-alive connections until stopped.
 
     A request that gets no answer on a connection that had served others is sent again on a new
-    connection, as HTTP clients do (RFC 9112 9.3.1: the server may close an idle connection); any
-    other error, and any status but 200, is a failure.
+    connection, as HTTP clients do (RFC 9112 9.3.1: the server may close an idle connection),
+    unless ``retry`` is off; any other error, and any status but 200, is a failure.
+    ``closed_by_server`` counts the responses that closed their connection.
     """
 
     port: int
     path: str
+    retry: bool = True
     ok: int = 0
     retried: int = 0
+    closed_by_server: int = 0
     failures: list[str] = field(default_factory=list)
     pids: set[str] = field(default_factory=set)
 
@@ -77,7 +80,7 @@ class Load(Clients):
             except (ConnectionError, OSError) as exc:
                 sock.close()
                 sock = None
-                if served_on_sock:
+                if served_on_sock and self.retry:
                     with self._lock:
                         self.retried += 1
                     continue
@@ -92,6 +95,8 @@ class Load(Clients):
                 else:
                     self.failures.append(f"status {resp.status}: {resp.body[:100]!r}")
             if (resp.header("Connection") or "").lower() == "close":
+                with self._lock:
+                    self.closed_by_server += 1
                 sock.close()
                 sock = None
         if sock is not None:
@@ -146,13 +151,9 @@ def restart_with(kind: str, server, app: Path) -> None:
         os.kill(server.proc.pid, signal.SIGHUP)
 
 
-@pytest.mark.parametrize("language", list(APPS_BY_LANGUAGE))
-@pytest.mark.parametrize("kind", ["restart.txt", "command", "SIGHUP"])
-def test_restart_under_load_fails_no_request(server_factory, tmp_path, language, kind) -> None:
-    app = copy_app(tmp_path, language)
-    server = server_factory(app, "--min-instances", "2", "--max-pool-size", "6")
-    old = {p.pid for p in server.app_processes()}
-    load = Load(server.port, "/app/pid")
+def restart_under(load: Load, kind: str, server, app: Path) -> None:
+    """Restarts the app ``kind``'s way while ``load`` runs, from before the restart begins until
+    after it finished."""
     load.start()
     try:
         time.sleep(0.7)
@@ -161,12 +162,29 @@ def test_restart_under_load_fails_no_request(server_factory, tmp_path, language,
         time.sleep(0.7)
     finally:
         load.stop()
+
+
+def assert_restarted_failing_nothing(load: Load, server, old: set[int]) -> set[int]:
+    """Every request of ``load`` was answered, the processes ``old`` are gone and new ones serve;
+    returns the new ones."""
     assert not load.failures, load.failures[:5]
     assert load.ok > 50
     assert old_pids_gone(server, old), "old processes are still running"
     new = {p.pid for p in server.app_processes()}
     assert new and not new & old
     assert get(server.port, "/app/pid").status == 200
+    return new
+
+
+@pytest.mark.parametrize("language", list(APPS_BY_LANGUAGE))
+@pytest.mark.parametrize("kind", ["restart.txt", "command", "SIGHUP"])
+def test_restart_under_load_fails_no_request(server_factory, tmp_path, language, kind) -> None:
+    app = copy_app(tmp_path, language)
+    server = server_factory(app, "--min-instances", "2", "--max-pool-size", "6")
+    old = {p.pid for p in server.app_processes()}
+    load = Load(server.port, "/app/pid")
+    restart_under(load, kind, server, app)
+    assert_restarted_failing_nothing(load, server, old)
 
 
 def test_blocking_restart_makes_requests_wait_but_fails_none(server_factory, tmp_path) -> None:

@@ -6,9 +6,11 @@ A shim started as a preloader forks processes on ``Shim.fork``, each driven as a
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -16,12 +18,18 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SHIM = Path(__file__).resolve().parents[2] / "spawners" / "python" / "appmanager_python.py"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIM = ROOT / "spawners" / "python" / "appmanager_python.py"
+ECHO_ASGI = ROOT / "tests" / "apps" / "echo_asgi" / "app.py"
+# The request parsers of the shim's ASGI server: httptools, and its own pure-Python one.
+PARSERS = ["httptools", "python"]
 # The shim runs under the app's interpreter, not the core's: APPMANAGER_TEST_PYTHON runs the tests
 # against another one (the tests that need a framework want it installed there too).
 SHIM_PYTHON = os.environ.get("APPMANAGER_TEST_PYTHON") or sys.executable
@@ -265,7 +273,14 @@ class WholeConnections:
     def next_report(self, connections: Sequence[Connection] = ()) -> str:
         """The next message on the control channel (X, N, L, D; S, B, R), reading the clients' ends
         meanwhile so that responses cannot stall."""
-        deadline = time.monotonic() + TIMEOUT
+        message = self.receive(connections, time.monotonic() + TIMEOUT)
+        if message is None:
+            raise AssertionError(f"no message within {TIMEOUT} s:\n{self.log()}")
+        return message
+
+    def receive(self, connections: Sequence[Connection], deadline: float) -> str | None:
+        """The next message on the control channel, kept in ``replies`` too, or None if none
+        came by ``deadline``; the clients' ends are read meanwhile."""
         while time.monotonic() < deadline:
             readable: list[Any] = [self.control]
             readable += [c.client for c in connections if c.client.fileno() != -1]
@@ -277,7 +292,7 @@ class WholeConnections:
                 message = self.control.recv(1 << 16).decode("latin-1")
                 self.replies.append(message)
                 return message
-        raise AssertionError(f"no message within {TIMEOUT} s:\n{self.log()}")
+        return None
 
     def wait_report(self, prefix: str, connections: Sequence[Connection] = ()) -> str:
         """The next message starting with ``prefix`` (others are kept in ``replies``)."""
@@ -363,6 +378,54 @@ def closed_report(shim: WholeConnections, seq: int, connections: list[Connection
     """Waits for the X of connection ``seq``; returns its request count."""
     message = shim.wait_report(f"X {seq} ", connections)
     return int(message.split(" ")[2])
+
+
+def assert_refused_after_a_good_request(
+    shim: WholeConnections, request_bytes: bytes, status: int
+) -> None:
+    """On a connection that served a request, ``request_bytes`` get ``status`` and the connection
+    closes, as the core would refuse them."""
+    connection, client, seq = hand(shim, get("/conformance?first"))
+    assert client.read().json()["query"] == "first"
+    client.send(request_bytes)
+    response = client.read()
+    assert response.status == status
+    assert response.header("connection") == "close"
+    assert client.at_eof()
+    # The refused request is not counted, as the core counts none it refuses.
+    assert closed_report(shim, seq, [connection]) == 1
+
+
+def reports_until(shim: WholeConnections, prefix: str) -> list[str]:
+    """The shim's messages up to the first that starts with ``prefix``, that one included."""
+    messages: list[str] = []
+    while True:
+        message = shim.next_report()
+        assert message, f"control channel closed before {prefix!r} came: {messages}\n{shim.log()}"
+        messages.append(message)
+        if message.startswith(prefix):
+            return messages
+
+
+def counted(messages: list[str]) -> int:
+    """The requests that ``N``, ``X`` and ``B`` messages report, added up."""
+    total = 0
+    for message in messages:
+        fields = message.partition("\n")[0].split(" ")
+        if fields[0] == "N":
+            total += int(fields[1])
+        elif fields[0] in ("X", "B"):
+            total += int(fields[2])
+    return total
+
+
+def wait_slot(shim: WholeConnections, slot: int, expected: tuple[int, int]) -> None:
+    """Waits for a slot to say ``expected``: the shim writes it once the response's last byte is
+    out, which the client may read first."""
+    deadline = time.monotonic() + TIMEOUT
+    while shim.slot(slot) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert shim.slot(slot) == expected
 
 
 @dataclass
@@ -519,20 +582,14 @@ class Shim(WholeConnections):
         returns them as ``D <seq> <k|c>`` (all of each is kept in ``replies``)."""
         deadline = time.monotonic() + TIMEOUT
         replies: list[str] = []
-        while time.monotonic() < deadline:
-            readable: list[Any] = [self.control]
-            readable += [c.client for c in connections if c.client.fileno() != -1]
-            ready, _, _ = select.select(readable, [], [], 0.5)
-            for connection in connections:
-                if connection.client in ready:
-                    connection.pump()
-            if self.control in ready:
-                reply = self.control.recv(1 << 16).decode()
-                self.replies.append(reply)
-                replies.append(split_done(reply)[0])
-                if len(replies) == count:
-                    return replies
-        raise AssertionError(f"{replies} of {count} D replies within {TIMEOUT} s:\n{self.log()}")
+        while len(replies) < count:
+            reply = self.receive(connections, deadline)
+            if reply is None:
+                raise AssertionError(
+                    f"{replies} of {count} D replies within {TIMEOUT} s:\n{self.log()}"
+                )
+            replies.append(split_done(reply)[0])
+        return replies
 
     def request(
         self,
@@ -631,6 +688,51 @@ def start_shim(directory: Path, extra_env: dict[str, str] | None = None) -> Shim
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(TIMEOUT)
     return Shim(process, core_end, progress_path, log_path, listener)
+
+
+def start_asgi_echo(directory: Path, parser: str, **config: Any) -> Shim:
+    """A shim on a copy of apps/echo_asgi in ``directory``, parsing requests with ``parser``
+    (httptools, or the shim's own: ``python``), that answered READY and takes connections."""
+    directory.mkdir()
+    shutil.copy(ECHO_ASGI, directory / "app.py")
+    shim = start_shim(directory, {"APPMANAGER_PYTHON_HTTP_PARSER": parser})
+    try:
+        tag, payload = shim.handshake(
+            app_root=str(directory),
+            startup_file=str(directory / "app.py"),
+            app_type="python",
+            **config,
+        )
+        assert tag == "READY", f"{payload}\n{shim.log()}"
+        assert payload["connections"] is True
+    except BaseException:
+        shim.stop()
+        raise
+    return shim
+
+
+def spawning_asgi_echo(tmp_path: Path, parser: str) -> Iterator[Callable[..., Any]]:
+    """The body of a ``spawn`` fixture for shims on the ASGI echo app with ``parser``."""
+    if parser == "httptools":
+        pytest.importorskip("httptools")
+    yield from spawning(tmp_path, functools.partial(start_asgi_echo, parser=parser))
+
+
+def spawning(tmp_path: Path, start: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """The body of a ``spawn`` fixture: ``spawn(**config)`` is ``start(directory, **config)``
+    with a new directory under tmp_path; every shim started is stopped afterwards."""
+    shims: list[Any] = []
+
+    def spawn(**config: Any) -> Any:
+        shim = start(tmp_path / f"shim{len(shims)}", **config)
+        shims.append(shim)
+        return shim
+
+    try:
+        yield spawn
+    finally:
+        for shim in shims:
+            shim.stop()
 
 
 def spawner(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[Any]:

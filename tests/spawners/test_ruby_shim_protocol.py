@@ -40,8 +40,12 @@ from python_shim import (
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = ROOT / "spawners" / "ruby" / "appmanager_ruby.rb"
 APPS = ROOT / "tests" / "apps"
+ECHO_RACK = APPS / "echo_rack"
 RUBY = shutil.which("ruby")
 TIMEOUT = 10.0
+# The seq of the Q path, then an 8-byte slot per connection: the file the core gives a process
+# that takes whole connections.
+CONNECTIONS_PROGRESS_SIZE = 8 + 8 * 65536
 
 pytestmark = pytest.mark.skipif(RUBY is None, reason="no ruby interpreter on PATH")
 
@@ -285,9 +289,9 @@ def start_shim(directory: Path, log_dir: Path, progress_size: int = 8, **env_var
     return Shim(process, core_end, progress_path, log_path, listener)
 
 
-def start_app(app_root: Path, log_dir: Path, **config: Any) -> Shim:
+def start_app(app_root: Path, log_dir: Path, progress_size: int = 8, **config: Any) -> Shim:
     """Starts a shim on an existing app directory and requires it to answer READY."""
-    shim = start_shim(app_root, log_dir, **config.pop("env", {}))
+    shim = start_shim(app_root, log_dir, progress_size, **config.pop("env", {}))
     try:
         tag, payload = shim.handshake(
             app_root=str(app_root), startup_file=str(app_root / "config.ru"), **config
@@ -297,6 +301,13 @@ def start_app(app_root: Path, log_dir: Path, **config: Any) -> Shim:
         shim.stop()
         raise
     return shim
+
+
+def start_rack_echo(log_dir: Path, **config: Any) -> Shim:
+    """A shim on apps/echo_rack that answered READY, its log and progress file in a new
+    ``log_dir``, the progress file with room for the slots of whole connections."""
+    log_dir.mkdir()
+    return start_app(ECHO_RACK, log_dir, progress_size=CONNECTIONS_PROGRESS_SIZE, **config)
 
 
 @pytest.fixture

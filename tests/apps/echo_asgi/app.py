@@ -134,6 +134,8 @@ async def http(scope, receive, send):
     elif path == "/app/sleep":
         await asyncio.sleep(float(query or "1"))
         await respond(send, str(os.getpid()).encode())
+    elif path == "/app/hello":
+        await respond(send, b"hello world")
     elif path == "/app/pid":
         await respond(send, str(os.getpid()).encode())
     elif path == "/app/grow":
