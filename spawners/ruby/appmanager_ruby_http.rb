@@ -500,18 +500,7 @@ module AppManager
     # Reads what the core sent while the main thread was in the app: connections are taken (to
     # be given back), anything else waits for the main thread; EOF stops the process.
     def take_pending_connections
-      loop do
-        message, _, msg_flags, *controls =
-          @control.recvmsg_nonblock(MAX_MESSAGE, 0, ANCILLARY_SIZE, scm_rights: true,
-                                                                     exception: false)
-        return if message == :wait_readable
-
-        if message.empty? && controls.empty?
-          @control_open = false
-          close
-          return
-        end
-        ios = AppManager.received_ios(controls)
+      read_control do |message, msg_flags, ios|
         if message.start_with?("C ")
           @worker.take_connection(message, msg_flags, ios)
         else
@@ -579,6 +568,8 @@ module AppManager
       end
     end
 
+    # Reads every message the core has sent, handing each to the block (the Worker's handler by
+    # default); EOF stops the process.
     def read_control
       loop do
         message, _, msg_flags, *controls =
@@ -592,7 +583,11 @@ module AppManager
           return
         end
         ios = AppManager.received_ios(controls)
-        @worker.handle_message(message, msg_flags, ios)
+        if block_given?
+          yield message, msg_flags, ios
+        else
+          @worker.handle_message(message, msg_flags, ios)
+        end
       end
     end
 
