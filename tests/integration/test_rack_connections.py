@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +67,58 @@ def test_a_slow_request_does_not_hold_up_the_other_clients_of_its_process(server
     finally:
         for conn in held:
             conn.sock.close()
+
+
+def test_a_burst_of_slow_requests_grows_the_pool(server_factory) -> None:
+    """8 clients at once, each on a new connection, with a 0.5 s request, against 1 process: the
+    connections the busy process cannot serve go back to the core, which starts processes for
+    them, instead of queueing 4 s behind one another in the first process."""
+    server = server_factory(ECHO, "--min-instances", "1", "--max-pool-size", "8")
+    wait_until_ready(server, 1)
+    answers: list[tuple[float, bytes]] = []
+    began = time.monotonic()
+
+    def client() -> None:
+        with connect(server.port, timeout=30) as sock:
+            status, pid = ask(sock, HttpReader(sock), "/app/sleep?0.5")
+            assert status == 200
+            answers.append((time.monotonic() - began, pid))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(answers) == 8
+    assert max(t for t, _ in answers) < 2.5, answers
+    assert len({pid for _, pid in answers}) >= 4, answers
+
+
+def test_more_clients_than_processes_can_serve_grow_the_pool(server_factory) -> None:
+    """6 keep-alive clients, each sending 30 ms requests one after another, against 1 process
+    that can serve about 33 a second: requests wait their turn in the process, which says it is
+    busy and gives their connections back, so that the core sees the queue and grows the pool."""
+    server = server_factory(ECHO, "--min-instances", "1", "--max-pool-size", "4")
+    wait_until_ready(server, 1)
+    served: list[bytes] = []
+    stop_at = time.monotonic() + 2.0
+
+    def client() -> None:
+        with connect(server.port, timeout=30) as sock:
+            reader = HttpReader(sock)
+            while time.monotonic() < stop_at:
+                status, pid = ask(sock, reader, "/app/sleep?0.03")
+                assert status == 200
+                served.append(pid)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # One process alone would serve about 66 in 2 s.
+    assert len(set(served)) >= 3, f"{len(set(served))} processes"
+    assert len(served) > 120, f"{len(served)} requests"
 
 
 def test_connections_given_back_before_a_crash_survive_it(server_factory) -> None:

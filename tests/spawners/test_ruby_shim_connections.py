@@ -224,6 +224,61 @@ def test_bytes_read_and_not_served_go_back_with_b(spawn: Any) -> None:
     assert_the_cores_again(idle, idle_client, b"st: example.test\r\n\r\n")
 
 
+def test_a_connection_sent_while_a_request_runs_goes_back_with_its_request(spawn: Any) -> None:
+    """Its client would wait behind the running request: the shim says S at once (not after
+    BUSY_AFTER) and gives the new connection back with the request the core had read, untouched,
+    so that the core serves it elsewhere (or starts a process for it)."""
+    shim = spawn()
+    slow, slow_client, _ = hand(shim, get("/app/sleep?0.5"), slot=0)
+    time.sleep(0.02)
+    started = time.monotonic()
+    first = get("/conformance?new") + get("/conformance?pipelined")
+    new, new_client, new_seq = hand(shim, first, slot=1)
+    messages = reports_until(shim, f"B {new_seq} ")
+    assert time.monotonic() - started < 0.3, messages
+    assert messages[0] == "S", messages
+    assert given_back(messages) == {new_seq: first}, messages
+    assert counted(messages) == 0, messages
+    assert shim.slot(1)[1] == 0
+    assert slow_client.read().status == 200
+    assert reports_until(shim, "R") == ["R"]
+    # Nothing of it was answered, and the connection is the core's to read now.
+    probe = get("/conformance?probe")
+    new_client.send(probe)
+    assert_the_cores_again(new, new_client, probe)
+
+
+def test_requests_waiting_their_turn_go_back_as_the_client_sent_them(spawn: Any) -> None:
+    """Two connections handed over back to back to a shim already serving connections: while
+    the first's request runs long, the second's waits whole (head and body parsed, or its C
+    unread); it goes back as the client sent it."""
+    shim = spawn()
+    held, held_client, held_seq = hand(shim, get("/conformance?held"), slot=2)
+    assert held_client.read().status == 200
+    body = b"x" * 1000
+    waiting_request = get("/conformance", f"Content-Length: {len(body)}", method="POST") + body
+    first, first_client, _ = hand(shim, get("/app/sleep?0.4"), slot=0)
+    second, second_client, second_seq = hand(shim, waiting_request, slot=1)
+    messages = reports_until(shim, f"B {second_seq} ")
+    # The connection idle between requests goes back too.
+    assert given_back(messages) == {held_seq: b"", second_seq: waiting_request}, messages
+    assert first_client.read().status == 200
+    probe = get("/conformance?probe")
+    second_client.send(probe)
+    assert_the_cores_again(second, second_client, probe)
+
+
+def test_a_half_closed_client_still_gets_its_pipelined_answers(spawn: Any) -> None:
+    shim = spawn()
+    connection, client, seq = hand(shim, get("/conformance?a"))
+    assert client.read().status == 200
+    client.send(get("/conformance?b") + get("/conformance?c"))
+    connection.client.shutdown(socket.SHUT_WR)
+    assert [client.read().json()["query"] for _ in range(2)] == ["b", "c"]
+    assert client.at_eof()
+    assert counted(reports_until(shim, f"X {seq} ")) == 3
+
+
 @pytest.mark.parametrize("how", ["eof", "sigterm"])
 def test_stop_gives_back_idle_connections(spawn: Any, how: str) -> None:
     shim = spawn()
