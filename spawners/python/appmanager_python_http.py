@@ -534,6 +534,7 @@ class HttpConnection:
         if cycle is not None:
             # A body broken off (a bad chunk): its request may already be answering.
             log(f"connection {self.seq}: malformed request body: {exc}")
+            cycle.malformed_body = f"malformed request body: {exc}"
             cycle.client_gone()
             self.receiving = None
             self.closing = True
@@ -703,6 +704,7 @@ class ConnectionCycle(asgi.HttpCycle):
         "body_given",
         "continue_pending",
         "disconnected",
+        "malformed_body",
     )
 
     # Reported (L) and counted (N, X); refusals, like the core's, are neither.
@@ -746,6 +748,8 @@ class ConnectionCycle(asgi.HttpCycle):
         # Expect: 100-continue: the interim answer goes out when the app first asks for the body.
         self.continue_pending = continue_pending
         self.disconnected = False
+        # Why the body broke off (a bad chunk), when it did: the answer is then 400, not 500.
+        self.malformed_body = ""
 
     async def receive(self) -> Message:
         """The request body as it arrives, then ``http.disconnect`` once the response is over
@@ -793,6 +797,16 @@ class ConnectionCycle(asgi.HttpCycle):
 
     def mark_started(self) -> None:
         self.connection.set_progress(self.number, RESPONDING)
+
+    def send_error_page(self, text: str) -> None:
+        """The app gave no response: 500, or 400 when the request body was malformed (the app,
+        called at the head, heard http.disconnect), as the core answers such a body."""
+        if not self.malformed_body:
+            super().send_error_page(text)
+            return
+        self.status = 0
+        self.take_start({"status": 400, "headers": [(b"content-type", b"text/plain")]})
+        self.send_whole(f"400 Bad Request: {self.malformed_body}\n".encode())
 
     def release(self, keep: bool) -> None:
         # The descriptor and writer are the connection's; only this request lets go of them.

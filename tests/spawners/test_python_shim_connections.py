@@ -56,6 +56,22 @@ def test_the_body_reaches_the_app_as_it_arrives(spawn: Any) -> None:
     assert ["transfer-encoding", "chunked"] in data["headers"]
 
 
+def test_a_body_that_breaks_off_malformed_is_answered_400(spawn: Any) -> None:
+    """The app runs from the head on; a chunk that turns out malformed makes it hear
+    http.disconnect, and the answer is the core's for such a body, 400, not the app's 500."""
+    shim = spawn()
+    head = get("/echo", "Transfer-Encoding: chunked", method="POST")
+    connection, client, seq = hand(shim, head + b"5\r\nhello\r\n")
+    time.sleep(0.2)
+    client.send(b"zz\r\n")
+    response = client.read()
+    assert response.status == 400, response.body
+    assert b"malformed request body" in response.body
+    assert response.header("connection") == "close"
+    assert client.at_eof()
+    closed_report(shim, seq, [connection])
+
+
 def test_scope_has_the_lifespan_state_and_the_addresses(spawn: Any) -> None:
     shim = spawn(base_uri="/base/")
     connection, client, _ = hand(shim, get("/base/echo?q=1"), scheme="https")
