@@ -5,8 +5,9 @@
 # The core hands a process whole client connections (C) when its app gets every request. The
 # process then reads and parses each connection's requests itself and serves them one at a time,
 # across all the connections it holds, so that a keep-alive client's next request costs the core
-# nothing. A watcher thread gives the idle connections back to the core (S, B, R) while a request
-# runs long, so that their clients are not held up behind it. Loaded by appmanager_ruby.rb; Ruby's
+# nothing. A watcher thread gives the other connections back to the core (S, B, R) while a request
+# runs long, or while requests wait their turn, so that their clients are not held up behind it
+# and the core, seeing them wait, can start more processes. Loaded by appmanager_ruby.rb; Ruby's
 # standard library only.
 
 require "tempfile"
@@ -345,7 +346,8 @@ module AppManager
   end
 
   # Serves whole connections for a Worker: the select loop over the control channel and the
-  # connections, and the watcher thread that gives connections back while a request runs long.
+  # connections, and the watcher thread that gives connections back while a request runs long or
+  # requests wait their turn.
   #
   # Created with the Worker when the process takes connections; runs until the control channel
   # closes (or SIGTERM) and every connection has been given back or closed.
@@ -430,8 +432,9 @@ module AppManager
       @lock.unlock if @lock.owned?
     end
 
-    # The control channel said EOF, or SIGTERM came: give back what is idle, serve what is in
-    # flight, and take nothing new.
+    # The control channel said EOF, SIGTERM came, or the request ceiling was reached: give back
+    # every connection that can go, serve what is in flight and give it back after, and give back
+    # whatever the core still sends.
     def close
       @closing = true
       @connections.values.each { |conn| give_back(conn) if conn.returnable? }
@@ -454,10 +457,10 @@ module AppManager
 
     # The watcher thread: every WATCH_INTERVAL, when a request has run BUSY_AFTER, or one has
     # waited that long for its turn (more requests come than the process serves), or the core sent
-    # a connection while a request runs (overloaded?), says S and
-    # gives back every connection it can: those idle between requests, those whose request waits,
-    # and those the core sent meanwhile (C messages not yet read). The core then queues their
-    # requests, serves them elsewhere, and starts processes for them as for any busy app.
+    # a connection while a request runs (overloaded?), says S and gives back every connection it
+    # can: those idle between requests, those whose request waits, and those the core sent
+    # meanwhile (C messages not yet read). The core then queues their requests, serves them
+    # elsewhere, and starts processes for them as for any busy app.
     def watch
       loop do
         sleep WATCH_INTERVAL
