@@ -1129,11 +1129,16 @@ class Worker:
             self.sweeper = self.loop.call_later(1.0, self.sweep)
         self.connections.add(connection)
 
-    def connection_closed(self, connection: httpconn.HttpConnection) -> None:
-        """``X``, with the requests not reported yet; the last connection of a stopping process
-        lets it go on stopping."""
+    def connection_closed(
+        self, connection: httpconn.HttpConnection, returned: bool = False
+    ) -> None:
+        """``X`` (or ``B``, for a connection given back to the core), with the requests not
+        reported yet; the last connection of a stopping process lets it go on stopping."""
         self.connections.discard(connection)
-        self.reply(b"X %d %d" % (connection.seq, self.unreported))
+        if returned:
+            self.reply(b"B %d %d\n" % (connection.seq, self.unreported))
+        else:
+            self.reply(b"X %d %d" % (connection.seq, self.unreported))
         self.unreported = 0
         gone = self.connections_gone
         if not self.connections and gone is not None and not gone.done():

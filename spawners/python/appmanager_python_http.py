@@ -8,10 +8,11 @@ pure-Python parser otherwise), serves them one at a time in order (keep-alive, p
 streams request bodies to the app as they arrive (chunked ones de-chunked; ``Expect:
 100-continue`` answered when the app first asks for the body), refuses what the core would refuse
 (400, 408, 413, 417, 431, 501), upgrades to WebSocket, and closes the connection when a response
-says so, when the client stays quiet between requests (75 s) or stalls inside one (60 s), and when
-the process stops. It keeps the connection's slot of the progress file, and reports on the control
-channel: ``X`` when the connection is closed, ``N`` as requests add up, and, when the core keeps an
-access log, ``L`` for each response.
+says so, and when the client stays quiet between requests (75 s) or stalls inside one (60 s). When
+the process stops it gives the connection back to the core instead, between requests. It keeps the
+connection's slot of the progress file, and reports on the control channel: ``X`` when the
+connection is closed, ``B`` when it is given back, ``N`` as requests add up, and, when the core
+keeps an access log, ``L`` for each response.
 
 Unlike a request handed over with ``Q``, the process reads the client here, so an app also hears
 ``http.disconnect`` when the client goes away before its request body is complete.
@@ -395,7 +396,8 @@ class HttpConnection:
             client_close, client_keepalive = handoff.connection_tokens(
                 self.connection.decode("latin-1")
             )
-        keep_alive = not client_close and (http11 or client_keepalive) and not self.worker.stopping
+        # Stopping or not: a connection that may stay open goes back to the core after this.
+        keep_alive = not client_close and (http11 or client_keepalive)
         url = self.url
         worker = self.worker
         upgrading = parser.should_upgrade() or method == _CONNECT
@@ -506,11 +508,15 @@ class HttpConnection:
             if worker.access_log:
                 self.log_response(cycle)
             worker.count_request()
-        if keep and self.pipeline and not worker.stopping and not self.done:
+        if keep and self.pipeline and not self.done:
+            # Stopping too: the requests already parsed are answered, then the connection goes
+            # back (the parser has their bytes: they cannot go back with it).
             self.run_next()
             return
         self.set_progress(cycle.number, IDLE)
-        if not keep or worker.stopping or self.eof or self.closing:
+        if keep and worker.stopping and self.returnable():
+            self.give_back()
+        elif not keep or worker.stopping or self.eof or self.closing:
             self.close()
         elif not self.reading and len(self.pipeline) <= MAX_PIPELINE:
             self.start_reading()
@@ -598,14 +604,41 @@ class HttpConnection:
     # -- closing ---------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """The process stops: an idle connection closes now, a busy one after its response."""
+        """The process stops: a connection idle between requests goes back to the core now
+        (``B``), a busy one after its response; one that cannot go back (closing, or a request
+        parsed behind the busy one) closes."""
         if self.done or self.lingering:
             return
-        active = self.active
-        if active is None and not self.pipeline and (self.closing or not self.in_head):
-            self.close()
-        elif isinstance(active, ConnectionCycle) and not active.started:
-            active.keep_alive = False  # its response says so
+        if self.active is None and not self.pipeline:
+            if self.returnable():
+                self.give_back()
+            elif self.closing or not self.in_head:
+                self.close()
+
+    def returnable(self) -> bool:
+        """May the connection go back to the core as it is: open, nothing running, and nothing
+        of a next request read (the parser holds no bytes of it)?"""
+        return not (
+            self.done
+            or self.lingering
+            or self.closing
+            or self.eof
+            or self.in_head
+            or self.active is not None
+            or self.pipeline
+        )
+
+    def give_back(self) -> None:
+        """Lets go of the connection without closing it: descriptor (no FIN), slot, then ``B``;
+        the core reads it again, and its next request goes to another process."""
+        self.done = True
+        self.closing = True
+        self.pause_reading()
+        self.writer.close()
+        os.close(self.fd)
+        self.writer.fd = self.fd = -1
+        self.set_progress(self.requests, IDLE)
+        self.worker.connection_closed(self, returned=True)
 
     def close(self) -> None:
         """No more requests: send FIN, then discard what the client still sends for a moment

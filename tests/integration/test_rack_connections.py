@@ -13,9 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from conftest import APPS, HttpReader, connect
-from test_restarts import Load, assert_restarted_failing_nothing, copy_app, restart_under
 from test_whole_connections import Held, ask, hold, wait_until_ready
 
 ECHO = APPS / "echo_rack"
@@ -136,24 +134,6 @@ def test_connections_given_back_before_a_crash_survive_it(server_factory) -> Non
         assert status == 200 and pid != idle.pid
         assert reader.read().status == 502
     server.wait_for_log("exited with status 7")
-
-
-@pytest.mark.parametrize("kind", ["restart.txt", "command"])
-def test_rolling_restart_keeps_keep_alive_connections(server_factory, tmp_path, kind) -> None:
-    app = copy_app(tmp_path, "ruby")
-    server = server_factory(app, "--min-instances", "2", "--max-pool-size", "6")
-    wait_until_ready(server, 2)
-    old = {p.pid for p in server.app_processes()}
-    # No retry: a keep-alive connection the server drops is a failure here.
-    load = Load(server.port, "/app/pid", retry=False)
-    restart_under(load, kind, server, app)
-    # Every request is answered, and no keep-alive connection is closed: the old processes give
-    # them back (B) and the core hands them to the new ones.
-    # A reset here is a keep-alive connection the server dropped: given back (B) by an old
-    # process, it must be read again by the core, never closed.
-    new = assert_restarted_failing_nothing(load, server, old)
-    assert load.closed_by_server == 0
-    assert {int(pid) for pid in load.pids} & new, "no request reached a new process"
 
 
 def test_beside_other_apps_each_request_reaches_its_own(server_factory, tmp_path: Path) -> None:

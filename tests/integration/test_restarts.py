@@ -105,7 +105,7 @@ class Load(Clients):
 
 APPS_BY_LANGUAGE = {
     "python": "wsgi_echo",
-    # ASGI processes take whole connections: a restart closes them between requests.
+    # ASGI processes take whole connections: a restart gives them back to the core.
     "asgi": "echo_asgi",
     "ruby": "echo_rack",
     "node": "echo_node",

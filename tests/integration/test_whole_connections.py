@@ -23,18 +23,23 @@ from pathlib import Path
 import pytest
 from conftest import APPS, HttpReader, Server, connect, get
 from test_access_log import read_lines
+from test_restarts import Load, assert_restarted_failing_nothing, copy_app, restart_under
 
 
 @dataclass(frozen=True)
 class App:
     root: Path
-    # Whether its processes give idle connections back to the core (Rack) rather than serve them
-    # alongside a long request and close them when they go (ASGI).
-    gives_back: bool
+    # Whether its processes give their other connections back to the core while a request runs
+    # long (Rack, one request at a time), rather than serve them alongside it (ASGI). Both give
+    # them back when they stop; a process that is killed closes those it still holds.
+    gives_back_when_busy: bool
 
 
 @pytest.fixture(
-    params=[App(APPS / "echo_asgi", gives_back=False), App(APPS / "echo_rack", gives_back=True)],
+    params=[
+        App(APPS / "echo_asgi", gives_back_when_busy=False),
+        App(APPS / "echo_rack", gives_back_when_busy=True),
+    ],
     ids=["echo_asgi", "echo_rack"],
 )
 def app(request: pytest.FixtureRequest) -> App:
@@ -136,7 +141,7 @@ def test_crash_with_a_request_in_flight_is_502_and_idle_connections_close(
         assert ask(sock, reader, "/app/pid") == (200, idle.pid)
         # The second request on the connection crashes the process before it answers.
         assert ask(sock, reader, "/app/crash")[0] == 502
-        if app.gives_back:
+        if app.gives_back_when_busy:
             closed_or_served_by_a_new_process(idle, idle.pid)
         else:
             assert idle.sock.recv(100) == b""  # idle between requests: closed, no 502
@@ -151,8 +156,8 @@ def test_crash_with_a_request_in_flight_is_502_and_idle_connections_close(
 
 def test_max_requests_counts_requests_on_connections(server_factory, app: App) -> None:
     """Requests on a connection count towards max_requests: its process is retired and
-    replaced. A retiring ASGI process closes the connection between requests; a Rack one gives
-    it back, so that the client goes on on the same one."""
+    replaced. A retiring process gives the connection back after its response, so that the
+    client goes on on the same one."""
     server = server_factory(app.root, "--max-requests", "20", "--max-pool-size", "1")
     pattern = r"process (\d+) retired: served (\d+) requests \(max_requests\)"
     pids: list[bytes] = []
@@ -182,8 +187,7 @@ def test_max_requests_counts_requests_on_connections(server_factory, app: App) -
         # The limit, its stagger, and what was in flight.
         assert 20 <= int(count) <= 25, f"{retired}; requests by pid: {by_pid}"
     assert len(by_pid) >= 3, by_pid
-    if app.gives_back:
-        assert not closed, f"the server closed the connection: {closed}"
+    assert not closed, f"the server closed the connection: {closed}"
 
 
 def test_max_request_time_answers_504_on_a_connection(server_factory, app: App) -> None:
@@ -204,8 +208,8 @@ def test_max_request_time_answers_504_on_a_connection(server_factory, app: App) 
         assert time.monotonic() - start < 5
         response = idle.reader.read()
         assert response.status == 200
-        assert (response.body != old) == app.gives_back
-        if not app.gives_back:
+        assert (response.body != old) == app.gives_back_when_busy
+        if not app.gives_back_when_busy:
             assert idle.sock.recv(100) == b""  # idle in the killed process: closed
     log = server.wait_for_log(f"process {old.decode()} exited with signal 9")
     assert "a request took longer than 1 s (max_request_time)" in log
@@ -239,3 +243,24 @@ def test_every_request_on_a_connection_is_in_the_access_log(
     assert lines[3]["status"] == "404" and lines[3]["agent"] == "ua/2"
     assert lines[3]["referer"] == "http://ref.test/"
     assert lines[4]["status"] == "200" and lines[4]["size"] == str(len(b"hello world"))
+
+
+@pytest.mark.parametrize("kind", ["restart.txt", "command"])
+@pytest.mark.parametrize("language", ["asgi", "ruby"])
+def test_rolling_restart_keeps_keep_alive_connections(
+    server_factory, tmp_path, kind, language
+) -> None:
+    app = copy_app(tmp_path, language)
+    server = server_factory(app, "--min-instances", "2", "--max-pool-size", "6")
+    wait_until_ready(server, 2)
+    old = {p.pid for p in server.app_processes()}
+    # No retry: a keep-alive connection the server drops is a failure here.
+    load = Load(server.port, "/app/pid", retry=False)
+    restart_under(load, kind, server, app)
+    # Every request is answered, and no keep-alive connection is closed: the old processes give
+    # them back (B) and the core hands them to the new ones.
+    # A reset here is a keep-alive connection the server dropped: given back (B) by an old
+    # process, it must be read again by the core, never closed.
+    new = assert_restarted_failing_nothing(load, server, old)
+    assert load.closed_by_server == 0
+    assert {int(pid) for pid in load.pids} & new, "no request reached a new process"

@@ -758,3 +758,53 @@ def spawner(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[Any]:
     finally:
         for shim in shims:
             shim.stop()
+
+
+def reports_until_exit(shim: WholeConnections) -> list[str]:
+    """Every message the shim sends until it closes the control channel (exits)."""
+    messages: list[str] = []
+    while message := shim.next_report():
+        messages.append(message)
+    return messages
+
+
+def given_back(messages: list[str]) -> dict[int, bytes]:
+    """The connections that ``B`` messages gave back: seq -> the bytes read and not served."""
+    back: dict[int, bytes] = {}
+    for message in messages:
+        if message.startswith("B "):
+            head, _, data = message.partition("\n")
+            _, seq, requests = head.split(" ")
+            assert requests.isdigit(), message
+            assert int(seq) not in back, f"connection {seq} given back twice: {messages}"
+            back[int(seq)] = data.encode("latin-1")
+    return back
+
+
+def closed(messages: list[str]) -> set[int]:
+    """The connections that ``X`` messages closed."""
+    return {int(m.split(" ")[1]) for m in messages if m.startswith("X ")}
+
+
+def assert_the_cores_again(connection: Connection, client: Client, unread: bytes) -> None:
+    """The shim let go of the connection without shutdown and reads it no more: ``unread``, sent
+    by the client after the give-back, was neither answered nor read and waits in the core's copy,
+    which still carries bytes both ways."""
+    time.sleep(0.3)
+    assert client.buf == b""
+    assert not select.select([client.sock], [], [], 0)[0], "answered or shut down after B"
+    try:
+        data = connection.server.recv(1 << 16)
+    except BlockingIOError:
+        data = b""
+    assert data == unread, "the shim read the connection after giving it back"
+    connection.server.sendall(b"from the core")
+    assert client.sock.recv(1 << 16) == b"from the core"
+
+
+def stop(shim: WholeConnections, how: str) -> None:
+    """Stops the shim as the core does: EOF on the control channel, or SIGTERM."""
+    if how == "eof":
+        shim.control.shutdown(socket.SHUT_WR)
+    else:
+        shim.process.send_signal(signal.SIGTERM)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -24,7 +23,6 @@ from typing import Any
 import pytest
 from python_shim import (
     PARSERS,
-    TIMEOUT,
     Client,
     closed_report,
     get,
@@ -89,23 +87,6 @@ def test_scope_has_the_lifespan_state_and_the_addresses(spawn: Any) -> None:
 
 
 # Stopping
-
-
-def test_stop_closes_idle_connections_and_finishes_busy_ones(spawn: Any) -> None:
-    shim = spawn()
-    idle, idle_client, idle_seq = hand(shim, get("/conformance"), slot=0)
-    assert idle_client.read().status == 200
-    busy, busy_client, busy_seq = hand(shim, get("/app/sleep?0.5"), slot=1)
-    time.sleep(0.1)
-    shim.control.shutdown(socket.SHUT_WR)  # what the core does to stop a process
-    assert idle_client.at_eof()
-    response = busy_client.read()
-    assert response.status == 200
-    assert response.header("connection") == "close"
-    assert busy_client.at_eof()
-    reports = {shim.wait_report("X ", [idle, busy]).split(" ")[1] for _ in range(2)}
-    assert reports == {str(idle_seq), str(busy_seq)}
-    assert shim.process.wait(TIMEOUT) == 0
 
 
 # WebSocket

@@ -23,14 +23,20 @@ from typing import Any
 import pytest
 from python_shim import (
     PARSERS,
+    TIMEOUT,
     assert_refused_after_a_good_request,
+    assert_the_cores_again,
+    closed,
     closed_report,
     counted,
     get,
+    given_back,
     hand,
     reports_until,
+    reports_until_exit,
     spawning,
     spawning_asgi_echo,
+    stop,
     wait_slot,
 )
 from test_ruby_shim_protocol import RUBY, start_rack_echo
@@ -364,3 +370,62 @@ def test_protocol_error_in_a_c_message_is_answered_x(spawn: Any) -> None:
     shim.seq = 77
     other, other_client, _ = hand(shim, get("/conformance"), slot=1)
     assert other_client.read().status == 200
+
+
+# Stopping: connections go back to the core
+
+
+@pytest.mark.parametrize("how", ["eof", "sigterm"])
+def test_stop_gives_back_idle_connections(spawn: Any, how: str) -> None:
+    shim = spawn()
+    held = [hand(shim, get(f"/conformance?c={i}"), slot=i) for i in range(3)]
+    for _, client, _ in held:
+        assert client.read().status == 200
+    stop(shim, how)
+    messages = reports_until_exit(shim)
+    assert given_back(messages) == {seq: b"" for _, _, seq in held}, messages
+    assert closed(messages) == set(), messages
+    assert counted(messages) == 3, messages
+    assert shim.process.wait(TIMEOUT) == 0
+    for i, (connection, client, _) in enumerate(held):
+        assert shim.slot(i)[1] == 0
+        client.send(get("/conformance?after"))
+        assert_the_cores_again(connection, client, get("/conformance?after"))
+
+
+@pytest.mark.parametrize("how", ["eof", "sigterm"])
+def test_stop_gives_back_the_busy_connection_after_its_response(spawn: Any, how: str) -> None:
+    shim = spawn()
+    idle, idle_client, idle_seq = hand(shim, get("/conformance"), slot=0)
+    assert idle_client.read().status == 200
+    busy, busy_client, busy_seq = hand(shim, get("/app/sleep?0.5"), slot=1)
+    time.sleep(0.15)
+    stop(shim, how)
+    response = busy_client.read()
+    assert response.status == 200
+    assert response.header("connection") is None
+    messages = reports_until_exit(shim)
+    # The idle one went back at the stop (or when the request turned slow), the busy one after it.
+    assert given_back(messages) == {idle_seq: b"", busy_seq: b""}, messages
+    assert closed(messages) == set(), messages
+    assert counted(messages) == 2, messages
+    assert shim.process.wait(TIMEOUT) == 0
+    assert shim.slot(1)[1] == 0
+    for connection, client in ((idle, idle_client), (busy, busy_client)):
+        client.send(get("/conformance?after"))
+        assert_the_cores_again(connection, client, get("/conformance?after"))
+
+
+def test_stop_closes_a_busy_connection_that_may_not_stay_open(spawn: Any) -> None:
+    shim = spawn()
+    busy, busy_client, busy_seq = hand(shim, get("/app/sleep?0.3", "Connection: close"))
+    time.sleep(0.15)
+    shim.control.shutdown(socket.SHUT_WR)
+    response = busy_client.read()
+    assert response.status == 200
+    assert response.header("connection") == "close"
+    assert busy_client.at_eof()
+    messages = reports_until_exit(shim)
+    assert f"X {busy_seq} 1" in messages
+    assert given_back(messages) == {}, messages
+    assert shim.process.wait(TIMEOUT) == 0
