@@ -1063,12 +1063,7 @@ class Worker:
     ) -> Scope:
         """The scope of an HTTP request: ``target`` as the request line has it, header names in
         lowercase."""
-        raw_path, _, query = target.partition(b"?")
-        if raw_path[:1] != b"/":
-            raw_path = handoff.absolute_form_path(raw_path)
-        path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode(
-            "utf-8", "replace"
-        )
+        path, raw_path, query = _split_target(target)
         return {
             "type": "http",
             "asgi": {"version": ASGI_VERSION, "spec_version": SPEC_VERSION},
@@ -1098,12 +1093,7 @@ class Worker:
         scheme: str,
     ) -> Scope:
         """The scope of a WebSocket handshake (``scheme`` is the HTTP one: http or https)."""
-        raw_path, _, query = target.partition(b"?")
-        if raw_path[:1] != b"/":
-            raw_path = handoff.absolute_form_path(raw_path)
-        path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode(
-            "utf-8", "replace"
-        )
+        path, raw_path, query = _split_target(target)
         return {
             "type": "websocket",
             "asgi": {"version": ASGI_VERSION, "spec_version": SPEC_VERSION},
@@ -1212,3 +1202,13 @@ if TYPE_CHECKING:
     from spawners.python import appmanager_python_http as httpconn
 else:
     import appmanager_python_http as httpconn  # noqa: E402
+
+
+def _split_target(target: bytes) -> tuple[str, bytes, bytes]:
+    """A request target's path (percent-decoded, as text), raw path and query string, for an
+    HTTP or WebSocket scope; an absolute-form target ("http://host/p") keeps only its path."""
+    raw_path, _, query = target.partition(b"?")
+    if raw_path[:1] != b"/":
+        raw_path = handoff.absolute_form_path(raw_path)
+    path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode("utf-8", "replace")
+    return path, raw_path, query
