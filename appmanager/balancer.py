@@ -21,7 +21,7 @@ def least_busy(processes: Iterable[Process]) -> Process | None:
         if proc.state is not ProcessState.READY:
             continue
         busy = len(proc.sessions)
-        if proc.concurrency == 0 or (proc.takes_connections and proc.group.per_connection):
+        if proc.concurrency == 0 or proc.counts_connections:
             # Unlimited processes, and those that take connections, are compared by raw count,
             # after any idle limited one; one that said it is busy (S) takes none.
             if proc.busy:

@@ -222,6 +222,14 @@ class Connection:
         self.group = group
         return True
 
+    def with_buffered(self, data: bytes) -> bytes:
+        """``data`` (what was read of the connection for its handoff) followed by the bytes the
+        client sent while the request waited for a process; they leave the buffer."""
+        if self.buf:
+            data += bytes(self.buf)
+            self.buf.clear()
+        return data
+
     def take_back(self, data: bytes) -> None:
         """A process that held this connection whole gave it back (``B``): read it again,
         ``data`` (what the process read and did not serve) first. The Group then finishes the

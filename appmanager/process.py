@@ -204,10 +204,16 @@ class Process:
 
     # -- the data path ---------------------------------------------------------------------------
 
+    @property
+    def counts_connections(self) -> bool:
+        """Are its sessions whole connections (it takes them, and its app gets them), so that
+        its load is how many it holds, not requests against its concurrency?"""
+        return self.takes_connections and self.group.per_connection
+
     def can_take(self) -> bool:
         if self.state is not ProcessState.READY:
             return False
-        if self.takes_connections and self.group.per_connection:
+        if self.counts_connections:
             # Connections, not requests: as many as it is given, unless it said it is busy.
             return not self.busy
         return self.concurrency == 0 or len(self.sessions) < self.concurrency
@@ -299,10 +305,7 @@ class Process:
         assert self.slots is not None
         self.seq += 1
         seq = self.seq
-        # Bytes the client sent while the request waited for a process go along too.
-        if conn.buf:
-            data += bytes(conn.buf)
-            conn.buf.clear()
+        data = conn.with_buffered(data)
         slot = self.slots.take()
         # Request 1 has arrived: should the process die before it reads the message, 502.
         self.slots.write(slot, 1 << 2 | SLOT_RECEIVED)

@@ -155,10 +155,7 @@ class NodeProcess(Process):
         """Give the whole connection to the process, with the bytes already read from it."""
         self.seq += 1
         seq = self.seq
-        # Bytes the client sent while the request waited for a process go along too.
-        if conn.buf:
-            data += bytes(conn.buf)
-            conn.buf.clear()
+        data = conn.with_buffered(data)
         slot = self.slots.take()
         line = self._conn_message(conn, seq, slot, data)
         try:
