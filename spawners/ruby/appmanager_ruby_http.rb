@@ -85,13 +85,15 @@ module AppManager
   # head is in, then its body as it arrives. Invariant: env is nil between requests; ready is true
   # once the body is complete and until the request is served.
   class HttpConnection
-    attr_reader :io, :writer, :seq, :slot, :raddr, :rport, :saddr, :sport, :scheme
+    attr_reader :io, :writer, :mark, :seq, :slot, :raddr, :rport, :saddr, :sport, :scheme
     attr_accessor :buf, :env, :ready, :number, :last_active, :started, :eof, :lingering,
                   :request_info, :head_line, :ready_at
 
-    def initialize(io, seq, slot, fields, data)
+    def initialize(io, seq, slot, progress, fields, data)
       @io = io
       @writer = ClientConnection.new(io)
+      # Where each response records its start (the connection's slot), made once.
+      @mark = SlotMark.new(progress, slot)
       @seq = seq
       @slot = slot
       @raddr, @rport, @saddr, @sport, @scheme = fields
@@ -406,7 +408,7 @@ module AppManager
       raise ProtocolError, "C data is #{data.bytesize} bytes, not #{length}" if data.bytesize != length
 
       ios[1]&.close
-      conn = HttpConnection.new(ios[0], seq, slot,
+      conn = HttpConnection.new(ios[0], seq, slot, @progress,
                                 [raddr, rport, saddr, sport, SCHEMES[scheme] || scheme], data.b)
       @connections[seq] = conn
       @by_io[conn.io] = conn
@@ -631,10 +633,11 @@ module AppManager
     def advance(conn, queue: true)
       return if conn.ready || conn.lingering
 
+      now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       # A request's READ_TIMEOUT runs from its first byte.
-      conn.started ||= Process.clock_gettime(Process::CLOCK_MONOTONIC) unless conn.buf.empty?
+      conn.started ||= now unless conn.buf.empty?
       if conn.parse(@worker)
-        conn.ready_at = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+        conn.ready_at = now
         @ready << conn if queue
       elsif conn.eof
         close_connection(conn)
@@ -674,7 +677,7 @@ module AppManager
       response = Response.new(
         @worker.context, conn.writer, conn.seq, is_head, http11, client_keepalive, keep_alive
       )
-      response.mark(SlotMark.new(@progress, conn.slot), number << 2 | SLOT_RESPONDING)
+      response.mark(conn.mark, number << 2 | SLOT_RESPONDING)
       @progress.set_slot(conn.slot, number << 2 | SLOT_RECEIVED)
       @current = conn
       @request_started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
